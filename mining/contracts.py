@@ -1,0 +1,154 @@
+"""The Parquet schemas at each stage boundary, and the sentence-id layout.
+
+A stage reads only what the stage before it wrote, so these schemas are the
+whole interface between stages. Readers check them, so that a file written by
+another version or another tool fails loudly with its path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# A sentence id is (shard number, line number) packed into one int64: stable
+# across reruns and task orders, and traceable to a file and a line.
+LINE_BITS = 40
+MAX_LINE = (1 << LINE_BITS) - 1
+MAX_SHARDS = 1 << (63 - LINE_BITS)
+
+
+def sentence_id(shard_index: int, line: int) -> int:
+    return (shard_index << LINE_BITS) | line
+
+
+def sentence_ids(shard_index: int, lines: np.ndarray) -> np.ndarray:
+    return (np.int64(shard_index) << np.int64(LINE_BITS)) | lines.astype(np.int64)
+
+
+def split_id(sid: int) -> tuple[int, int]:
+    return sid >> LINE_BITS, sid & MAX_LINE
+
+
+SENTENCES = pa.schema(
+    [
+        pa.field("id", pa.int64(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        # "path:line" of the source text, 1-based line.
+        pa.field("origin", pa.string(), nullable=False),
+    ]
+)
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    # fixed_size_list<float16>: one contiguous value buffer, so a shard reads
+    # into an (n, dim) array without a copy per row.
+    return pa.schema(
+        [
+            pa.field("id", pa.int64(), nullable=False),
+            pa.field("vector", pa.list_(pa.float16(), dim), nullable=False),
+        ]
+    )
+
+
+def neighbours_schema(k: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("id", pa.int64(), nullable=False),
+            pa.field("neighbour_ids", pa.list_(pa.int64(), k), nullable=False),
+            pa.field("similarities", pa.list_(pa.float32(), k), nullable=False),
+        ]
+    )
+
+
+PAIRS = pa.schema(
+    [
+        pa.field("score", pa.float64(), nullable=False),
+        pa.field("cosine", pa.float32(), nullable=False),
+        pa.field("src_id", pa.int64(), nullable=False),
+        pa.field("tgt_id", pa.int64(), nullable=False),
+        pa.field("src_text", pa.string(), nullable=False),
+        pa.field("tgt_text", pa.string(), nullable=False),
+        pa.field("direction", pa.string(), nullable=False),
+    ]
+)
+
+
+class ContractError(ValueError):
+    """A stage file whose schema is not the one its boundary declares."""
+
+
+def check_schema(path: Path, actual: pa.Schema, expected: pa.Schema) -> None:
+    got = {f.name: f.type for f in actual}
+    for f in expected:
+        if f.name not in got:
+            raise ContractError(f"{path}: missing column {f.name!r} ({f.type})")
+        if got[f.name] != f.type:
+            raise ContractError(f"{path}: column {f.name!r} is {got[f.name]}, expected {f.type}")
+
+
+def fixed_list_to_numpy(column: pa.ChunkedArray | pa.Array, width: int, dtype: type) -> np.ndarray:
+    """(n,) fixed_size_list column -> (n, width) array, zero-copy per chunk."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = []
+    for chunk in chunks:
+        if chunk.null_count:
+            raise ContractError("null rows in a fixed-size list column")
+        values = chunk.values.to_numpy(zero_copy_only=False)
+        # The value buffer may be longer than the slice the chunk covers.
+        start = chunk.offset * width
+        parts.append(values[start : start + len(chunk) * width].reshape(len(chunk), width))
+    if not parts:
+        return np.empty((0, width), dtype=dtype)
+    out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return out.astype(dtype, copy=False)
+
+
+def numpy_to_fixed_list(matrix: np.ndarray, pa_type: pa.DataType) -> pa.FixedSizeListArray:
+    width = matrix.shape[1]
+    flat = pa.array(np.ascontiguousarray(matrix).reshape(-1), type=pa_type)
+    return pa.FixedSizeListArray.from_arrays(flat, width)
+
+
+def read_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """-> (ids int64 (n,), vectors float16 (n, dim))."""
+    table = pq.read_table(path)
+    vector_type = table.schema.field("vector").type if "vector" in table.schema.names else None
+    if not isinstance(vector_type, pa.FixedSizeListType):
+        raise ContractError(f"{path}: column 'vector' must be a fixed-size list of float16")
+    dim = vector_type.list_size
+    check_schema(path, table.schema, embeddings_schema(dim))
+    ids = table.column("id").to_numpy()
+    vectors = fixed_list_to_numpy(table.column("vector"), dim, np.float16)
+    return ids, vectors
+
+
+def embeddings_dim(path: Path) -> int:
+    vector_type = pq.read_schema(path).field("vector").type
+    return vector_type.list_size
+
+
+def iter_embedding_blocks(path: Path, block_rows: int):
+    """Yield (ids, float16 vectors) row group by row group, at most block_rows at a time."""
+    pf = pq.ParquetFile(path)
+    dim = pf.schema_arrow.field("vector").type.list_size
+    check_schema(path, pf.schema_arrow, embeddings_schema(dim))
+    for batch in pf.iter_batches(batch_size=block_rows, columns=["id", "vector"]):
+        yield (
+            batch.column(0).to_numpy(),
+            fixed_list_to_numpy(batch.column(1), dim, np.float16),
+        )
+
+
+def read_neighbours(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """-> (ids (n,), neighbour_ids (n, k), similarities (n, k))."""
+    table = pq.read_table(path)
+    k = table.schema.field("neighbour_ids").type.list_size
+    check_schema(path, table.schema, neighbours_schema(k))
+    return (
+        table.column("id").to_numpy(),
+        fixed_list_to_numpy(table.column("neighbour_ids"), k, np.int64),
+        fixed_list_to_numpy(table.column("similarities"), k, np.float32),
+    )

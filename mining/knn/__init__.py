@@ -1,0 +1,1 @@
+"""k-nearest-neighbour search: FAISS indexes, an exact torch path, top-k merging."""
