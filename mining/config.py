@@ -163,6 +163,9 @@ class StageResources:
     cpus: int = 1
     mem_gb: int = 8
     time_minutes: int = 60
+    # slurm: GPU and CPU stages often belong on different partitions; empty
+    # means executor.slurm.partition.
+    partition: str = ""
 
     def check(self, where: str) -> None:
         for name in ("gpus", "cpus", "mem_gb", "time_minutes"):
@@ -176,10 +179,19 @@ class SlurmSection:
     account: str = ""
     qos: str = ""
     max_parallel: int = 256
-    folder: str = "slurm"
+    # Empty: logs go under <work_dir>/slurm, beside the outputs they explain.
+    folder: str = ""
+    # Submitting returns at once by default: a job can sit in a queue for days
+    # and the login node's shell should not have to outlive it. With wait, the
+    # command blocks until every array ends and fails if any task failed.
+    wait: bool = False
+    # SLURM refuses arrays larger than its MaxArraySize (1001 by default), so
+    # a stage with more tasks is submitted as several arrays.
+    max_array_size: int = 1000
 
     def check(self, where: str) -> None:
         _require(self.max_parallel >= 1, where, "max_parallel", "must be >= 1")
+        _require(self.max_array_size >= 1, where, "max_array_size", "must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -227,7 +227,10 @@ def mine(
                 np.full(n_t, "bwd", dtype=_DIRECTION_DTYPE),
             )
         )
-        order = np.argsort(-score, kind="stable")
+        # Candidates at or below the threshold can only block each other (they rank after
+        # every kept pair), so dropping them first gives the same pairs with less work.
+        order = np.flatnonzero(score > threshold)
+        order = order[np.argsort(-score[order], kind="stable")]
         kept, _ = _greedy_one_to_one(src[order], tgt[order], n_s, n_t)
         selected = order[kept]
         src, tgt, score, cos, direction = (

@@ -9,7 +9,6 @@ import pytest
 
 from mining.cli import main
 from mining.config import ConfigError, load_job, parse_override
-
 from tests.conftest import ToyCorpus
 
 
@@ -43,7 +42,10 @@ def test_valid_spec_loads_and_pickles(toy_corpus: ToyCorpus) -> None:
         ("pairs=['en-en']", "pairs a language with itself"),
         ("pairs=['en-de','en-de']", "pairs[1]: 'en-de' is listed twice"),
         ("pairs=[]", "pairs: list at least one pair"),
-        ("languages.en.shards=['nothing/*.txt']", "languages.en.shards[0]: 'nothing/*.txt' matches"),
+        (
+            "languages.en.shards=['nothing/*.txt']",
+            "languages.en.shards[0]: 'nothing/*.txt' matches",
+        ),
         ("encoder.kind=hf", "encoder.model: is required"),
         ("prepare.max_chars=0", "prepare.max_chars: must be >= min_chars"),
         ("executor.workers=0", "executor.workers: must be >= 1"),
@@ -78,7 +80,7 @@ def test_overrides_parse_toml_values_and_bare_words() -> None:
         ["languages", "en", "shards"],
         ["a/*.txt"],
     )
-    with pytest.raises(ConfigError, match="expected section.key=value"):
+    with pytest.raises(ConfigError, match=r"expected section\.key=value"):
         parse_override("search.k")
 
 
@@ -105,7 +107,10 @@ def test_shipped_gpu_spec_is_valid() -> None:
     corpus = root / "demo" / "corpus"
     job = load_job(
         root / "mst5-en-de.toml",
-        [f"languages.en.shards=['{corpus}/en/*.txt']", f"languages.de.shards=['{corpus}/de/*.txt']"],
+        [
+            f"languages.en.shards=['{corpus}/en/*.txt']",
+            f"languages.de.shards=['{corpus}/de/*.txt']",
+        ],
     )
     assert job.encoder.kind == "hf"
     assert job.encoder.model == "google/mt5-xxl"

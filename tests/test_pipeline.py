@@ -36,7 +36,8 @@ def test_finds_every_true_pair_and_nothing_else(toy_corpus: ToyCorpus) -> None:
     scores = table["score"].to_numpy()
     assert (np.diff(scores) <= 0).all(), "pairs must be sorted by score, descending"
     assert (scores > 1.5).all()
-    lines = gzip.open(toy_corpus.root / "work" / "pairs" / "en-de.tsv.gz", "rt").read().splitlines()
+    with gzip.open(toy_corpus.root / "work" / "pairs" / "en-de.tsv.gz", "rt") as fh:
+        lines = fh.read().splitlines()
     assert len(lines) == len(toy_corpus.gold)
     score, src, tgt = lines[0].split("\t")
     assert float(score) == pytest.approx(scores[0], abs=1e-6)
@@ -47,7 +48,8 @@ def test_ids_trace_back_to_file_and_line(toy_corpus: ToyCorpus) -> None:
     job = load_job(toy_corpus.spec)
     run_job(job)
     table = pq.read_table(toy_corpus.root / "work" / "pairs" / "en-de.parquet")
-    for sid, text in zip(table["src_id"].to_pylist()[:10], table["src_text"].to_pylist()[:10]):
+    rows = zip(table["src_id"].to_pylist(), table["src_text"].to_pylist(), strict=True)
+    for sid, text in list(rows)[:10]:
         shard, line = split_id(sid)
         source = job.shard_files["en"][shard]
         assert source.read_text(encoding="utf-8").splitlines()[line - 1] == text

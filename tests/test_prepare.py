@@ -15,7 +15,6 @@ from mining.config import load_job
 from mining.pipeline import run_job
 from tests.conftest import ToyCorpus
 
-
 ALL_EN = "languages.en.shards=['corpus/en/*']"
 
 
@@ -37,9 +36,7 @@ def test_bad_lines_are_rejected_counted_and_listed(toy_corpus: ToyCorpus) -> Non
         b"en003w \xff\xfe en004w\n"  # 4 invalid UTF-8
         b"en005w\x00en006w\n"  # 5 NUL byte
         b"en001w en002w\n"  # 6 duplicate of line 1
-        b"  en007w en008w  \r\n"  # 7 kept, stripped, CRLF
-        + b"x" * 3000
-        + b"\n"  # 8 too long
+        b"  en007w en008w  \r\n" + b"x" * 3000 + b"\n"  # 7 kept, stripped, CRLF  # 8 too long
         b"en009w"  # 9 kept, no final newline
     )
     _prepare(toy_corpus)
@@ -92,7 +89,7 @@ def test_empty_file_stops_the_job_naming_it(toy_corpus: ToyCorpus) -> None:
 def test_compressed_shards(toy_corpus: ToyCorpus, suffix: str, opener) -> None:
     shard = toy_corpus.root / "corpus" / "en" / f"part-9.txt{suffix}"
     with opener(shard, "wb") as fh:
-        fh.write("en001w en002w\nen003w\n".encode())
+        fh.write(b"en001w en002w\nen003w\n")
     _prepare(toy_corpus, ALL_EN)
     assert _stats(toy_corpus, "en", "part-9")["rows_out"] == 2
 
