@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_models import build_tiny_mst5
+from tests.tiny_models import build_tiny_mst5
 
 from mining.encoders.hf import HFEncoder, SentencePieceT5Tokenizer, card_recipe_embeddings
 

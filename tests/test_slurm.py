@@ -86,7 +86,7 @@ def test_toy_job_through_submitit_local_matches_local_executor(
     # The markers written by the job processes are the ones a rerun reads.
     assert all(not sp.todo for sp in pending(job))
     # Logs went where the spec's folder resolves: beside the spec by default.
-    assert log_folder(job) == job.base_dir / "slurm"
+    assert log_folder(job) == job.work_dir / "slurm"
     lines = (log_folder(job) / "submitted.jsonl").read_text().splitlines()
     assert len(lines) == sum(len(tasks) for tasks in plan.values())
 

@@ -158,18 +158,22 @@ def _build_tokenizer(base_dir: Path) -> int:
     return spm.SentencePieceProcessor(model_file=str(spiece)).get_piece_size()
 
 
-def _build_base_model(base_dir: Path, vocab_size: int, seed: int) -> None:
+def _build_base_model(
+    base_dir: Path, vocab_size: int, seed: int, d_model: int = 64, num_layers: int = 2
+) -> None:
     from transformers import MT5Config, MT5EncoderModel
 
+    # mT5-XXL's proportions at any size: d_ff = 2.5 d_model, heads of 64 (16 here).
+    d_kv = 16 if d_model <= 64 else 64
     config = MT5Config(
         # mT5 pads the embedding matrix past the tokenizer's vocab (250112 vs 250100);
         # do the same so "vocab size" and "embedding rows" differ here too.
         vocab_size=((vocab_size + 7) // 8) * 8,
-        d_model=64,
-        d_kv=16,
-        d_ff=128,
-        num_layers=2,
-        num_heads=4,
+        d_model=d_model,
+        d_kv=d_kv,
+        d_ff=128 if d_model == 64 else d_model * 5 // 2,
+        num_layers=num_layers,
+        num_heads=d_model // d_kv,
         feed_forward_proj="gated-gelu",
         dropout_rate=0.1,
         tie_word_embeddings=False,
@@ -199,13 +203,19 @@ def _build_adapter(base_dir: Path, adapter_dir: Path, seed: int) -> None:
     model.save_pretrained(str(adapter_dir))
 
 
-def build_tiny_mst5(root: Path, seed: int = 0) -> tuple[Path, Path]:
-    """Build a tiny m-ST5 look-alike under `root`; return (base_dir, adapter_dir)."""
+def build_tiny_mst5(
+    root: Path, seed: int = 0, *, d_model: int = 64, num_layers: int = 2
+) -> tuple[Path, Path]:
+    """Build a tiny m-ST5 look-alike under `root`; return (base_dir, adapter_dir).
+
+    The defaults are the test model (d_model 64, 2 layers); the CPU benchmark asks for a
+    larger one (d_model 256, 4 layers) with the same layout.
+    """
     root = Path(root)
     base_dir, adapter_dir = root / "tiny-mt5", root / "tiny-mst5-lora"
     base_dir.mkdir(parents=True, exist_ok=True)
     adapter_dir.mkdir(parents=True, exist_ok=True)
     vocab_size = _build_tokenizer(base_dir)
-    _build_base_model(base_dir, vocab_size, seed)
+    _build_base_model(base_dir, vocab_size, seed, d_model=d_model, num_layers=num_layers)
     _build_adapter(base_dir, adapter_dir, seed + 1)
     return base_dir, adapter_dir
