@@ -21,7 +21,7 @@ from typing import Any
 
 from mining.config import STAGES, Job
 from mining.stages import Task, embed, evaluate, index, mine, prepare, search
-from mining.store import WorkDir, write_json
+from mining.store import WorkDir, remove_stale_temporaries, write_json
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,12 @@ def execute_task(job: Job, task: Task) -> dict[str, Any]:
     module = STAGE_MODULES[task.stage]
     # A stale marker must not survive a rerun that dies half-way.
     work.clear_marker(task.stage, task.key)
+    for path in (
+        *task.outputs,
+        work.marker(task.stage, task.key),
+        work.stats(task.stage, task.key),
+    ):
+        remove_stale_temporaries(Path(path))
     start = time.perf_counter()
     stats = dict(module.run(job, work, task))
     seconds = time.perf_counter() - start

@@ -10,6 +10,7 @@ rerun redoes it.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -94,6 +95,22 @@ def atomic_path(target: Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+
+
+def remove_stale_temporaries(target: Path) -> int:
+    """Delete temporary files that a killed writer of `target` left behind.
+
+    Called before a task runs again: the task is the only writer of its
+    targets, so any temporary file beside them is from an earlier, dead run.
+    """
+    target = Path(target)
+    removed = 0
+    if target.parent.is_dir():
+        for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+                removed += 1
+    return removed
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -52,7 +52,10 @@ def plan(job: Job, work: WorkDir, upstream: dict[str, list[Task]]) -> list[Task]
                     stage=NAME,
                     key=f"{lang}/{shard}",
                     fingerprint=task_fingerprint(NAME, VERSION, spec, inputs, [lang, index]),
-                    outputs=(str(work.sentences(lang, shard)),),
+                    outputs=(
+                        str(work.sentences(lang, shard)),
+                        str(work.sentences(lang, shard).with_suffix(".rejects.tsv")),
+                    ),
                     params={"lang": lang, "shard": shard, "index": index, "path": str(path)},
                 )
             )
