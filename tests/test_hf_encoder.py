@@ -8,6 +8,7 @@ exercised for real. Only the sizes are small.
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import random
 import warnings
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.tiny_models import build_tiny_mst5
 
 from mining.encoders.hf import HFEncoder, SentencePieceT5Tokenizer, card_recipe_embeddings
+from tests.tiny_models import build_tiny_mst5
 
 _HAND_WRITTEN = [
     "I am a dog.",
@@ -208,7 +209,7 @@ def test_sentencepiece_and_fast_tokenizers_agree(
     transformers 5 `tokenizers` conversion, on the test texts and on special tokens."""
     base, _ = tiny_mst5
     assert isinstance(encoder.tokenizer, SentencePieceT5Tokenizer)
-    fast = HFEncoder(str(base), use_fast_tokenizer=True, device="cpu")
+    fast = HFEncoder(str(base), tokenizer="fast", device="cpu")
     fast.load()
     assert getattr(fast.tokenizer, "is_fast", False)
     texts = [*SENTENCES, "a </s> b", "x<unk>y<pad>", "", " "]
@@ -216,3 +217,105 @@ def test_sentencepiece_and_fast_tokenizers_agree(
     cut_slow = encoder.tokenizer(texts, truncation=True, max_length=5)["input_ids"]
     cut_fast = fast.tokenizer(texts, truncation=True, max_length=5)["input_ids"]
     assert cut_slow == cut_fast
+
+
+def test_plan_batches_fills_budget_within_padding_cap() -> None:
+    rng = np.random.default_rng(0)
+    lengths = np.sort(rng.integers(3, 200, size=5000))[::-1]
+    plan = HFEncoder.plan_batches(lengths, 4096)
+    assert plan[0][0] == 0 and plan[-1][1] == len(lengths)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(plan))
+    padded = 0
+    for start, end in plan:
+        width, count = lengths[start], end - start
+        assert count * width <= 4096 or count == 1
+        assert count * width - lengths[start:end].sum() <= 0.05 * count * width
+        padded += count * width
+    assert 1 - lengths.sum() / padded < 0.05
+    # A sentence longer than the budget still gets a batch of its own.
+    assert HFEncoder.plan_batches(np.array([9000, 10, 10]), 4096) == [(0, 1), (1, 3)]
+
+
+def test_out_of_memory_halves_the_batch_and_goes_on(
+    tiny_mst5: tuple[Path, Path], vectors: np.ndarray
+) -> None:
+    import torch
+
+    base, adapter = tiny_mst5
+    enc = HFEncoder(str(base), adapter=str(adapter), dtype="float32", device="cpu").load()
+    forward = enc.model.forward
+    seen: list[int] = []
+
+    def small_gpu(*args, input_ids, **kwargs):
+        seen.append(input_ids.numel())
+        if input_ids.numel() > 300:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(*args, input_ids=input_ids, **kwargs)
+
+    enc.model.forward = small_gpu
+    np.testing.assert_allclose(enc.encode(SENTENCES), vectors, atol=1e-5)
+    assert enc.oom_halvings >= 1
+    assert enc._budget <= 300  # the halved budget holds for later calls
+    assert max(seen[enc.oom_halvings :]) <= 300
+    assert enc.stats()["oom_halvings"] == enc.oom_halvings
+
+    def no_gpu(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    enc.model.forward = no_gpu
+    with pytest.raises(RuntimeError, match="single sentence"):
+        enc.encode(["one sentence"])
+
+
+def test_fast_tokenizer_is_checked_against_sentencepiece(
+    tiny_mst5: tuple[Path, Path], encoder: HFEncoder
+) -> None:
+    from mining.encoders.hf import TOKENIZER_SAMPLE, check_tokenizers_agree
+
+    base, _ = tiny_mst5
+    fast = HFEncoder(str(base), tokenizer="fast", device="cpu").load().tokenizer
+    check_tokenizers_agree(encoder.tokenizer, fast, TOKENIZER_SAMPLE)  # agrees: no error
+
+    class OffByOne:
+        def __call__(self, texts, **kwargs):
+            out = fast(texts, **kwargs)
+            return {
+                "input_ids": [[t + (k == 4) for t in ids] for k, ids in enumerate(out["input_ids"])]
+            }
+
+    with pytest.raises(ValueError, match="Привет"):
+        check_tokenizers_agree(encoder.tokenizer, OffByOne(), TOKENIZER_SAMPLE)
+
+
+def test_attention_kernels_agree(tiny_mst5: tuple[Path, Path], vectors: np.ndarray) -> None:
+    base, adapter = tiny_mst5
+    eager = HFEncoder(str(base), adapter=str(adapter), dtype="float32", attention="eager")
+    np.testing.assert_allclose(eager.encode(SENTENCES), vectors, atol=1e-5)
+
+
+def test_fp8_runs_every_block_matmul_in_fp8(tiny_mst5: tuple[Path, Path]) -> None:
+    """fp8 is not a spec option yet: on random weights it stays below the 0.999 cosine
+    the issue asks for (0.988 here, 0.93 on the benchmark's d_model 256 model), and
+    whether real m-ST5 weights do better needs a GPU run on them. This checks the
+    mechanics: every block matmul replaced, vectors still close to bf16's."""
+    base, adapter = tiny_mst5
+    bf16 = HFEncoder(str(base), adapter=str(adapter), dtype="bfloat16", device="cpu")
+    fp8 = HFEncoder(str(base), adapter=str(adapter), dtype="bfloat16", device="cpu", fp8=True)
+    fp8.load()
+    kinds = {type(m).__name__ for m in fp8.model.modules()}
+    assert "Fp8Linear" in kinds and "Linear" not in kinds
+    assert _rowwise_cos(fp8.encode(SENTENCES), bf16.encode(SENTENCES)).min() >= 0.98
+
+
+def test_from_model_wraps_a_model_in_memory(
+    tiny_mst5: tuple[Path, Path], encoder: HFEncoder, vectors: np.ndarray
+) -> None:
+    wrapped = HFEncoder.from_model(encoder.model, encoder.tokenizer)
+    np.testing.assert_allclose(wrapped.encode(SENTENCES), vectors, atol=1e-6)
+    ids_only = HFEncoder.from_model(encoder.model, pad_token_id=0)
+    prepared = ids_only.prepare_ids(encoder.tokenize(SENTENCES))
+    half = ids_only.encode_prepared(prepared)
+    assert half.dtype == np.float16
+    np.testing.assert_allclose(half.astype(np.float32), vectors, atol=2e-3)
+    with pytest.raises(ValueError, match="more than max_tokens"):
+        ids_only.prepare_ids([[5] * 600])

@@ -219,3 +219,28 @@ def build_tiny_mst5(
     _build_base_model(base_dir, vocab_size, seed, d_model=d_model, num_layers=num_layers)
     _build_adapter(base_dir, adapter_dir, seed + 1)
     return base_dir, adapter_dir
+
+
+def mixed_length_sentences(
+    spiece_file: Path, n: int, low: int = 5, high: int = 60, seed: int = 0
+) -> list[str]:
+    """`n` sentences of the tiny model's languages, token counts (EOS included) spread
+    evenly over [low, high]: words from the training corpus strung together until the
+    sentencepiece model says the sentence is long enough."""
+    import random
+
+    sp = spm.SentencePieceProcessor(model_file=str(spiece_file))
+    rng = random.Random(seed)
+    words = [w for s in training_sentences() for w in s.split()]
+    out: list[str] = []
+    while len(out) < n:
+        target = rng.randint(low, high)
+        text = ""
+        while True:
+            longer = f"{text} {rng.choice(words)}".strip()
+            if len(sp.encode(longer)) + 1 > target:
+                break
+            text = longer
+        if text and len(sp.encode(text)) + 1 >= low:
+            out.append(text)
+    return out

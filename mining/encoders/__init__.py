@@ -14,7 +14,7 @@ __all__ = ["Encoder", "build_encoder", "encoder_spec", "l2_normalise"]
 # Settings that change how fast vectors come, never which vectors: they stay
 # out of the embed stage's fingerprint, so moving a job to another GPU or
 # batch size does not re-embed the corpus.
-PERFORMANCE_ONLY = ("device", "batch_tokens", "threads")
+PERFORMANCE_ONLY = ("device", "batch_tokens", "threads", "attention", "compile")
 
 
 def encoder_spec(job: Job) -> dict:
@@ -38,17 +38,8 @@ def build_encoder(job: Job) -> Encoder:
     if cfg.kind == "hf":
         from mining.encoders.hf import HFEncoder
 
-        return HFEncoder(
-            _model_ref(job, cfg.model),
-            adapter=_model_ref(job, cfg.adapter) if cfg.adapter else None,
-            pooling=cfg.pooling,
-            dtype=cfg.dtype,
-            device=cfg.device,
-            max_tokens=cfg.max_tokens,
-            batch_tokens=cfg.batch_tokens,
-            trust_remote_code=cfg.trust_remote_code,
-            revision=cfg.revision or None,
-        )
+        # The whole section, so that every hf key of the spec reaches the encoder.
+        return HFEncoder.from_section(cfg, resolve=lambda ref: _model_ref(job, ref))
     raise ValueError(
         f"encoder.kind = {cfg.kind!r} has no text encoder (precomputed is read by embed)"
     )

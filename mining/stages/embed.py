@@ -6,12 +6,22 @@ finished chunk. The chunks live in a folder named after the task's
 fingerprint, so chunks from another encoder or another input are never mixed
 in. When all chunks exist they are joined into the shard's one file, each
 chunk a row group.
+
+While one chunk is on the encoder, a background thread reads the next one and, for
+encoders that split the work (`prepare` / `encode_prepared`, as the hf one does),
+tokenises it: the GPU does not wait for the CPU between chunks.
+
+Files are written without compression or dictionary: float16 vectors neither compress
+nor repeat, and both cost time on every read (bench/read_embeddings.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +48,14 @@ log = logging.getLogger(__name__)
 
 # One encoder per process and spec: a 5.7 B model loads once, not per shard.
 _ENCODERS: dict[str, Encoder] = {}
+
+# Parquet writer settings for embeddings: see the module docstring. Statistics only for
+# the id column: min/max of a vector's values helps no reader.
+WRITE_OPTIONS: dict[str, Any] = {
+    "compression": "none",
+    "use_dictionary": False,
+    "write_statistics": ["id"],
+}
 
 
 def plan(job: Job, work: WorkDir, upstream: dict[str, list[Task]]) -> list[Task]:
@@ -86,42 +104,41 @@ def run(job: Job, work: WorkDir, task: Task) -> dict[str, Any]:
     check_schema(source, pf.schema_arrow, SENTENCES)
     precomputed = _precomputed(job, lang, shard) if job.encoder.kind == "precomputed" else None
     encoder = None if precomputed is not None else get_encoder(job)
-    truncated_before = getattr(encoder, "truncated", 0)
+    counters = getattr(encoder, "stats", None)
+    before: dict[str, int] = counters() if counters is not None else {}
+
+    prepare, encode = _two_steps(encoder, precomputed)
+
+    def todo(number: int, batch: pa.RecordBatch) -> Any:
+        return None if _chunk_path(folder, number).exists() else prepare(batch)
 
     rows = 0
     reused = 0
     dim: int | None = None
-    number = -1
-    for number, batch in enumerate(
-        pf.iter_batches(batch_size=job.embed.chunk_rows, columns=["id", "text"])
-    ):
+    chunk_count = 0
+    batches = pf.iter_batches(batch_size=job.embed.chunk_rows, columns=["id", "text"])
+    for number, batch, work_item in _ahead(enumerate(batches), todo):
+        chunk_count = number + 1
         rows += batch.num_rows
         path = _chunk_path(folder, number)
-        if path.exists():
+        if work_item is None:
             reused += 1
             dim = dim or pq.read_schema(path).field("vector").type.list_size
             continue
         ids = batch.column(0).to_numpy()
-        if precomputed is not None:
-            vectors = precomputed.lookup(ids)
-        else:
-            assert encoder is not None
-            vectors = encoder.encode(batch.column(1).to_pylist())
-        vectors = _checked(vectors, len(ids), source)
+        vectors = _checked(encode(work_item), len(ids), source)
         dim = vectors.shape[1]
-        schema = embeddings_schema(dim)
         table = pa.table(
-            {"id": ids, "vector": numpy_to_fixed_list(vectors.astype(np.float16), pa.float16())},
-            schema=schema,
+            {"id": ids, "vector": numpy_to_fixed_list(vectors, pa.float16())},
+            schema=embeddings_schema(dim),
         )
         with atomic_path(path) as tmp:
-            pq.write_table(table, tmp)
-    chunk_count = number + 1
+            pq.write_table(table, tmp, **WRITE_OPTIONS)
     if dim is None:  # an empty shard still gets a well-formed, empty file
         dim = precomputed.dim if precomputed is not None else encoder.dim  # type: ignore[union-attr]
 
     schema = embeddings_schema(dim)
-    with atomic_path(target) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+    with atomic_path(target) as tmp, pq.ParquetWriter(tmp, schema, **WRITE_OPTIONS) as writer:
         for n in range(chunk_count):
             writer.write_table(pq.read_table(_chunk_path(folder, n), schema=schema))
         if chunk_count == 0:
@@ -134,19 +151,68 @@ def run(job: Job, work: WorkDir, task: Task) -> dict[str, Any]:
         "chunks": chunk_count,
         "chunks_reused": reused,
     }
-    if encoder is not None and hasattr(encoder, "truncated"):
-        stats["truncated"] = int(encoder.truncated) - int(truncated_before)
+    if counters is not None:
+        after = counters()
+        delta = {key: int(after[key]) - int(before.get(key, 0)) for key in after}
+        stats.update(delta)
+        if delta.get("padded_tokens"):
+            stats["padding"] = round(1 - delta["tokens"] / delta["padded_tokens"], 4)
+    device = getattr(encoder, "device", None)
+    if device is not None:
+        stats["device"] = str(device)
+    # Which GPU a worker had, for a person reading the stats of a multi-GPU run.
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        stats["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
     return stats
 
 
+def _two_steps(
+    encoder: Encoder | None, precomputed: _Precomputed | None
+) -> tuple[Callable[[pa.RecordBatch], Any], Callable[[Any], np.ndarray]]:
+    """A chunk's work as (what runs ahead in the reader thread, what runs on the encoder)."""
+    if precomputed is not None:
+        return (lambda batch: batch.column(0).to_numpy()), precomputed.lookup
+    assert encoder is not None
+    prepare = getattr(encoder, "prepare", None)
+    encode_prepared = getattr(encoder, "encode_prepared", None)
+    if prepare is not None and encode_prepared is not None:
+        return (lambda batch: prepare(batch.column(1).to_pylist())), encode_prepared
+    return (lambda batch: batch.column(1).to_pylist()), encoder.encode
+
+
+def _ahead(
+    items: Iterator[tuple[int, pa.RecordBatch]], work: Callable[[int, pa.RecordBatch], Any]
+) -> Iterator[tuple[int, pa.RecordBatch, Any]]:
+    """(number, batch, work(number, batch)) for each item, one item ahead in a thread.
+
+    The thread reads the next batch and runs `work` on it (tokenisation) while the
+    caller encodes the current one; tokenizers release the GIL, so the two overlap.
+    An error in the thread re-raises here, in order.
+    """
+
+    def step() -> tuple[int, pa.RecordBatch, Any] | None:
+        item = next(items, None)
+        if item is None:
+            return None
+        number, batch = item
+        return number, batch, work(number, batch)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="embed-ahead") as pool:
+        future = pool.submit(step)
+        while (result := future.result()) is not None:
+            future = pool.submit(step)
+            yield result
+
+
 def _checked(vectors: np.ndarray, n: int, source: Path) -> np.ndarray:
-    vectors = np.asarray(vectors, dtype=np.float32)
+    """float16 vectors, as the file holds them, or the error that says what is wrong."""
+    vectors = np.asarray(vectors)
     if vectors.ndim != 2 or vectors.shape[0] != n:
         raise ValueError(f"{source}: encoder returned shape {vectors.shape} for {n} sentences")
     if not np.isfinite(vectors).all():
         bad = int((~np.isfinite(vectors).all(axis=1)).sum())
         raise ValueError(f"{source}: encoder returned {bad} non-finite vectors")
-    return vectors
+    return vectors.astype(np.float16, copy=False)
 
 
 class _Precomputed:

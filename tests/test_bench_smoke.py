@@ -1,0 +1,60 @@
+"""The benchmark scripts run, in their reduced --smoke modes, and print their figures.
+
+Not timed tests: the figures they print on CPU here say nothing about the targets. The
+point is that bench/embed_gpu.sh (made for an H200) cannot rot unnoticed while no GPU
+is at hand, and that every branch of it but CUDA's own runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def _run(*command: str) -> str:
+    env = {**os.environ, "MINING_PYTHON": sys.executable}
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _figures(line: str) -> dict[str, str]:
+    return dict(re.findall(r"(\S+?)=(\S+)", line))
+
+
+def test_embed_gpu_smoke() -> None:
+    out = _run("bash", "bench/embed_gpu.sh", "--smoke", "--fp8")
+    lines = [line for line in out.splitlines() if line.startswith("embed_gpu ")]
+    assert len(lines) == 1, out
+    figures = _figures(lines[0])
+    for key in ("tokens/s", "MFU", "padding", "peak_mem", "card_tokens/s", "speedup"):
+        assert key in figures, key
+    assert float(figures["padding"]) < 0.05
+    assert float(figures["cos_vs_card_min"]) >= 0.999
+    assert int(figures["fp8_layers"]) > 0
+
+
+def test_embed_cpu_smoke() -> None:
+    out = _run(sys.executable, "bench/embed_cpu.py", "--smoke")
+    lines = [line for line in out.splitlines() if line.startswith("embed_cpu ")]
+    assert len(lines) == 1, out
+    figures = _figures(lines[0])
+    assert float(figures["min_cos"]) >= 0.9999
+    assert "speedup" in figures
+
+
+def test_read_embeddings_smoke() -> None:
+    out = _run(sys.executable, "bench/read_embeddings.py", "--smoke")
+    assert out.splitlines()[-1].startswith("read_embeddings ")
+    assert "FAIL" not in out and "WRONG" not in out

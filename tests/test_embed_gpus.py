@@ -1,0 +1,88 @@
+"""The local executor gives the embed stage one worker per GPU.
+
+No GPU here: the test tells the executor that GPUs "3" and "5" are visible and checks
+the mechanics (a spawned worker per GPU, each seeing only its own through
+CUDA_VISIBLE_DEVICES, tasks handed out until none is left) and that the vectors are
+the ones an in-process run writes. The workers then run on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mining.config import load_job
+from mining.contracts import read_embeddings
+from mining.executors import local
+from mining.pipeline import run_job
+from mining.store import WorkDir
+from tests.tiny_models import build_tiny_mst5, mixed_length_sentences
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*checkpointing.*:FutureWarning")
+
+
+def _job(root: Path, base: Path, adapter: Path) -> Path:
+    for lang, seed in (("xx", 1), ("yy", 2)):
+        texts = mixed_length_sentences(base / "spiece.model", 80, seed=seed)
+        for shard in range(3):
+            folder = root / "corpus" / lang
+            folder.mkdir(parents=True, exist_ok=True)
+            lines = texts[shard::3]
+            (folder / f"part-{shard}.txt").write_text("".join(t + "\n" for t in lines))
+    spec = root / "job.toml"
+    spec.write_text(
+        textwrap.dedent(
+            f"""\
+            pairs = ["xx-yy"]
+            [job]
+            name = "gpus"
+            [languages.xx]
+            shards = ["corpus/xx/*.txt"]
+            [languages.yy]
+            shards = ["corpus/yy/*.txt"]
+            [embed]
+            chunk_rows = 16
+            [encoder]
+            kind = "hf"
+            model = "{base}"
+            adapter = "{adapter}"
+            dtype = "float32"
+            """
+        )
+    )
+    return spec
+
+
+def test_one_worker_per_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, adapter = build_tiny_mst5(tmp_path / "models")
+    spec = _job(tmp_path / "job", base, adapter)
+    job = load_job(spec)
+    assert local.gpu_workers(job, "embed") == []  # no GPU here: run as before
+
+    monkeypatch.setattr(local, "visible_gpus", lambda: ["3", "5"])
+    assert local.gpu_workers(job, "embed") == ["3", "5"]
+    assert local.gpu_workers(job, "search") == []
+    assert local.gpu_workers(load_job(spec, ["encoder.device=cpu"]), "embed") == []
+    run_job(job, ["prepare", "embed"])
+
+    work = WorkDir(job.work_dir)
+    seen = set()
+    for path in sorted((work.root / "_state" / "embed").glob("*.stats.json")):
+        stats = json.loads(path.read_text())
+        seen.add(stats["cuda_visible_devices"])
+    assert seen == {"3", "5"}  # both workers ran tasks, each with one GPU
+
+    monkeypatch.setattr(local, "visible_gpus", lambda: [])
+    alone = load_job(spec, ["job.work_dir='alone'"])
+    run_job(alone, ["prepare", "embed"])
+    for lang in ("xx", "yy"):
+        for shard in range(3):
+            name = f"part-{shard}"
+            ids_a, a = read_embeddings(work.embeddings(lang, name))
+            ids_b, b = read_embeddings(WorkDir(alone.work_dir).embeddings(lang, name))
+            np.testing.assert_array_equal(ids_a, ids_b)
+            np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=1e-3)
