@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mining.contracts import embeddings_schema, numpy_to_fixed_list, read_neighbours, sentence_ids
+from mining.contracts import embeddings_schema, read_neighbours, sentence_ids, vectors_to_arrow
 from mining.knn.stored import iter_blocks
 from mining.knn.topk import RunningTopK
 
@@ -90,7 +90,7 @@ def make_corpus(root: Path, n: int, dim: int, seed: int = 0, threshold: float = 
             out = root / "vectors" / lang / f"{name}.parquet"
             out.parent.mkdir(parents=True, exist_ok=True)
             table = pa.table(
-                {"id": ids, "vector": numpy_to_fixed_list(_unit16(vectors), pa.float16())},
+                {"id": ids, "vector": vectors_to_arrow(_unit16(vectors))},
                 schema=embeddings_schema(dim),
             )
             pq.write_table(table, out, row_group_size=65536)

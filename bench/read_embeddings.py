@@ -7,7 +7,8 @@ pandas and DuckDB can read each file, where they are installed.
 
     python bench/read_embeddings.py [--rows 20000] [--dim 4096] [--repeats 3] [--smoke]
 
-Layouts:
+Layouts (fsb-plain is the contract now: mining.contracts.embeddings_schema, written
+with embed.WRITE_OPTIONS and read by mining.contracts.read_embeddings):
   fsl-default   fixed_size_list<float16>, pq.write_table defaults (snappy, dictionary on):
                 what the embed stage wrote before this bench existed
   fsl-plain     fixed_size_list<float16>, no compression, no dictionary
@@ -32,7 +33,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mining.contracts import embeddings_schema, numpy_to_fixed_list, read_embeddings
+from mining.contracts import embeddings_table, numpy_to_fixed_list, read_embeddings
 
 
 def unit_vectors(rows: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -42,25 +43,19 @@ def unit_vectors(rows: int, dim: int, seed: int = 0) -> np.ndarray:
     return x.astype(np.float16)
 
 
-def fsb_table(ids: np.ndarray, vectors: np.ndarray) -> pa.Table:
-    width = vectors.shape[1] * 2
-    buf = pa.py_buffer(np.ascontiguousarray(vectors).view(np.uint8))
-    column = pa.Array.from_buffers(pa.binary(width), len(vectors), [None, buf])
-    return pa.table({"id": ids, "vector": column})
+def fsl_table(ids: np.ndarray, vectors: np.ndarray) -> pa.Table:
+    """The earlier layout: one fixed_size_list<float16> cell per vector."""
+    return pa.table({"id": ids, "vector": numpy_to_fixed_list(vectors, pa.float16())})
 
 
-def read_fsb(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """fixed_size_binary column -> (n, dim) float16 through its value buffer."""
+def read_fsl(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """fixed_size_list column -> (n, dim) float16 through its child values."""
     table = pq.read_table(path)
     column = table.column("vector")
-    width = column.type.byte_width
-    parts = []
-    for chunk in column.chunks:
-        data = np.frombuffer(chunk.buffers()[1], dtype=np.uint8)
-        start = chunk.offset * width
-        parts.append(data[start : start + len(chunk) * width])
+    dim = column.type.list_size
+    parts = [chunk.values.to_numpy().reshape(-1, dim) for chunk in column.chunks]
     flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return table.column("id").to_numpy(), flat.view(np.float16).reshape(-1, width // 2)
+    return table.column("id").to_numpy(), flat
 
 
 def best_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -116,19 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     ids = np.arange(args.rows, dtype=np.int64)
     vectors = unit_vectors(args.rows, args.dim)
     gbytes = vectors.nbytes / 1e9
-    fsl = pa.table(
-        {"id": ids, "vector": numpy_to_fixed_list(vectors, pa.float16())},
-        schema=embeddings_schema(args.dim),
-    )
-    fsb = fsb_table(ids, vectors)
+    fsl = fsl_table(ids, vectors)
+    fsb = embeddings_table(ids, vectors)
     plain = {"compression": "none", "use_dictionary": False}
     layouts: list[tuple[str, pa.Table, dict, Callable[[Path], tuple]]] = [
-        ("fsl-default", fsl, {}, read_embeddings),
-        ("fsl-plain", fsl, plain, read_embeddings),
-        ("fsl-zstd", fsl, {"compression": "zstd", "use_dictionary": False}, read_embeddings),
-        ("fsb-plain", fsb, plain, read_fsb),
-        ("fsb-snappy", fsb, {"compression": "snappy", "use_dictionary": False}, read_fsb),
-        ("fsb-zstd", fsb, {"compression": "zstd", "use_dictionary": False}, read_fsb),
+        ("fsl-default", fsl, {}, read_fsl),
+        ("fsl-plain", fsl, plain, read_fsl),
+        ("fsl-zstd", fsl, {"compression": "zstd", "use_dictionary": False}, read_fsl),
+        ("fsb-plain", fsb, plain, read_embeddings),
+        ("fsb-snappy", fsb, {"compression": "snappy", "use_dictionary": False}, read_embeddings),
+        ("fsb-zstd", fsb, {"compression": "zstd", "use_dictionary": False}, read_embeddings),
     ]
     figures = []
     with tempfile.TemporaryDirectory() as tmp:

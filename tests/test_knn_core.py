@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mining.contracts import embeddings_schema, numpy_to_fixed_list, sentence_ids
+from mining.contracts import embeddings_schema, sentence_ids, vectors_to_arrow
 from mining.knn.exact import exact_topk, pair_similarities
 from mining.knn.faiss_index import (
     code_bytes,
@@ -101,9 +101,7 @@ def test_pair_similarities_are_exact_and_independent_of_batching() -> None:
 
 def _write_embeddings(path: Path, ids: np.ndarray, vectors: np.ndarray, group: int) -> None:
     schema = embeddings_schema(vectors.shape[1])
-    table = pa.table(
-        {"id": ids, "vector": numpy_to_fixed_list(vectors, pa.float16())}, schema=schema
-    )
+    table = pa.table({"id": ids, "vector": vectors_to_arrow(vectors)}, schema=schema)
     pq.write_table(table, path, row_group_size=group)
 
 
@@ -187,10 +185,10 @@ def test_exact_topk_is_brute_force() -> None:
 def test_auto_ladder() -> None:
     assert resolve_factory("auto", 10**6, 4096) == "Flat"
     assert resolve_factory("HNSW32", 10, 8) == "HNSW32"
-    assert resolve_factory("auto", 2 * 10**6, 256) == "IVF4096,SQfp16"
-    assert resolve_factory("auto", 2 * 10**6, 4096) == "OPQ64_256,IVF4096,PQ64"
-    assert resolve_factory("auto", 10**9, 4096) == "OPQ64_256,IVF131072_HNSW32,PQ64"
-    assert resolve_factory("auto", 10**5, 256, exact_limit=0) == "IVF1024,SQfp16"
+    assert resolve_factory("auto", 2 * 10**6, 256) == "IVF2048,SQfp16"
+    assert resolve_factory("auto", 2 * 10**6, 4096) == "OPQ64_256,IVF2048,PQ64"
+    assert resolve_factory("auto", 10**9, 4096) == "OPQ64_256,IVF65536_HNSW32,PQ64"
+    assert resolve_factory("auto", 10**5, 256, exact_limit=0) == "IVF512,SQfp16"
     # Lists grow with the corpus, and never past what it can train.
     assert ivf_lists(10**4) < ivf_lists(10**6) < ivf_lists(10**8)
     assert ivf_lists(1000) * 39 <= 1000

@@ -224,20 +224,22 @@ def test_stages_are_chained_by_afterok_in_sbatch(
     executor.run(job, pending(job))  # returns once submitted: wait is off
 
     # 4 prepare tasks in arrays of at most 3, then embed (4 -> 3 + 1), index
-    # (2), search (4 -> 3 + 1), mine (1), evaluate (1).
+    # (6: per language train + 2 populate -> 3 + 3), search (4 -> 3 + 1), mine (1),
+    # evaluate (1).
     submitted = [(a.stage, len(a.tasks), a.array_ids) for a in executor.submitted]
     assert submitted == [
         ("prepare", 3, ["100"]),
         ("prepare", 1, ["101"]),
         ("embed", 3, ["102"]),
         ("embed", 1, ["103"]),
-        ("index", 2, ["104"]),
-        ("search", 3, ["105"]),
-        ("search", 1, ["106"]),
-        ("mine", 1, ["107"]),
-        ("evaluate", 1, ["108"]),
+        ("index", 3, ["104"]),
+        ("index", 3, ["105"]),
+        ("search", 3, ["106"]),
+        ("search", 1, ["107"]),
+        ("mine", 1, ["108"]),
+        ("evaluate", 1, ["109"]),
     ]
-    flags = {n: _sbatch_flags(bin_dir / f"job-{n}.sbatch") for n in range(100, 109)}
+    flags = {n: _sbatch_flags(bin_dir / f"job-{n}.sbatch") for n in range(100, 110)}
     assert "dependency" not in flags[100] and "dependency" not in flags[101]
     for n in (102, 103):
         assert flags[n]["dependency"] == "afterok:100:101"
@@ -253,9 +255,10 @@ def test_stages_are_chained_by_afterok_in_sbatch(
     assert flags[104]["dependency"] == "afterok:102:103"
     assert flags[104]["partition"] == "cpu"
     assert "gpus-per-node" not in flags[104]
-    assert flags[104]["array"] == "0-1%2"
-    assert flags[107]["dependency"] == "afterok:105:106"
-    assert flags[108]["dependency"] == "afterok:107"
+    assert flags[104]["array"] == "0-2%3"
+    assert flags[106]["dependency"] == "afterok:104:105"
+    assert flags[108]["dependency"] == "afterok:106:107"
+    assert flags[109]["dependency"] == "afterok:108"
     assert all(f["account"] == "mt" and f["qos"] == "normal" for f in flags.values())
     # Nothing ran: the tasks wait for a cluster that is not there.
     assert not (job.work_dir / "sentences").exists()

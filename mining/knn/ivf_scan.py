@@ -123,8 +123,11 @@ class ListMajorSearcher:
         per_list = len(x) * nprobe / self.ivf.nlist * self.ivf.ntotal / self.ivf.nlist
         threads = THREADS if per_list / THREADS >= PARALLEL_SCORES else 1
         parts = [p for p in np.array_split(np.arange(len(x)), threads) if len(p)]
-        if len(parts) <= 1:
+        if not parts:
             return self._search_part(x, k, nprobe)
+        # Even one part runs in a worker thread: there torch runs each small
+        # product in that thread, where in the main thread it would spread it
+        # over its intra-op pool, whose barriers dominate on a loaded machine.
         with ThreadPoolExecutor(len(parts)) as pool:
             results = list(pool.map(lambda rows: self._search_part(x[rows], k, nprobe), parts))
         return (

@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from mining.contracts import LINE_BITS, check_schema, embeddings_schema, fixed_list_to_numpy
+from mining.contracts import (
+    LINE_BITS,
+    check_schema,
+    embeddings_dim,
+    embeddings_schema,
+    vectors_to_numpy,
+)
 from mining.knn.exact import pair_similarities, widen
 from mining.knn.topk import EMPTY_ID, EMPTY_SCORE
 
@@ -27,12 +33,7 @@ THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 
 def _open(path: Path) -> tuple[pq.ParquetFile, int, np.ndarray]:
     """-> (file, dim, row-group start offsets with the total appended)."""
     pf = pq.ParquetFile(path)
-    vector_type = (
-        pf.schema_arrow.field("vector").type if "vector" in pf.schema_arrow.names else None
-    )
-    dim = getattr(vector_type, "list_size", None)
-    if dim is None:
-        raise ValueError(f"{path}: column 'vector' must be a fixed-size list of float16")
+    dim = embeddings_dim(path)
     check_schema(path, pf.schema_arrow, embeddings_schema(dim))
     sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
     return pf, dim, np.cumsum([0, *sizes])
@@ -62,7 +63,7 @@ def iter_rows(
                 part = batch.slice(lo - offset, hi - lo)
                 yield (
                     part.column(0).to_numpy(),
-                    fixed_list_to_numpy(part.column(1), dim, np.float16),
+                    vectors_to_numpy(part.column(1), dim),
                 )
             offset += batch.num_rows
             if offset >= stop:
@@ -77,7 +78,7 @@ def iter_blocks(paths: list[Path], block_rows: int) -> Iterator[tuple[np.ndarray
     total = sum(num_rows(p) for p in paths)
     if total == 0:
         return
-    dim = pq.read_schema(paths[0]).field("vector").type.list_size
+    dim = embeddings_dim(paths[0])
     left = total
     ids = np.empty(min(block_rows, left), dtype=np.int64)
     vectors = np.empty((len(ids), dim), dtype=np.float16)
@@ -185,7 +186,7 @@ class EmbeddingStore:
             ):
                 lo, hi = np.searchsorted(rows, [offset, offset + batch.num_rows])
                 if hi > lo:
-                    vectors = widen(fixed_list_to_numpy(batch.column(0), dim, np.float16))
+                    vectors = widen(vectors_to_numpy(batch.column(0), dim))
                     take = slots[lo:hi]
                     sims[take] = pair_similarities(
                         queries,

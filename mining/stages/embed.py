@@ -33,16 +33,20 @@ from mining.config import Job
 from mining.contracts import (
     SENTENCES,
     check_schema,
+    embeddings_dim,
     embeddings_schema,
     fixed_list_to_numpy,
-    numpy_to_fixed_list,
+    vector_dim,
+    vectors_to_arrow,
+    vectors_to_numpy,
 )
 from mining.encoders import Encoder, build_encoder, encoder_spec, l2_normalise
 from mining.stages import Task, task_fingerprint
 from mining.store import WorkDir, atomic_path, fingerprint
 
 NAME = "embed"
-VERSION = 1
+# 2: vectors stored as fixed_size_binary(2 * dim) (see contracts.embeddings_schema).
+VERSION = 2
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +127,13 @@ def run(job: Job, work: WorkDir, task: Task) -> dict[str, Any]:
         path = _chunk_path(folder, number)
         if work_item is None:
             reused += 1
-            dim = dim or pq.read_schema(path).field("vector").type.list_size
+            dim = dim or embeddings_dim(path)
             continue
         ids = batch.column(0).to_numpy()
         vectors = _checked(encode(work_item), len(ids), source)
         dim = vectors.shape[1]
         table = pa.table(
-            {"id": ids, "vector": numpy_to_fixed_list(vectors, pa.float16())},
+            {"id": ids, "vector": vectors_to_arrow(vectors)},
             schema=embeddings_schema(dim),
         )
         with atomic_path(path) as tmp:
@@ -223,7 +227,11 @@ class _Precomputed:
         if "id" not in table.schema.names or "vector" not in table.schema.names:
             raise ValueError(f"{path}: precomputed embeddings need columns 'id' and 'vector'")
         vector_type = table.schema.field("vector").type
-        if isinstance(vector_type, pa.FixedSizeListType):
+        if isinstance(vector_type, pa.FixedSizeBinaryType):
+            # This project's own layout, e.g. copied from another job's work dir.
+            self.dim = vector_dim(vector_type)
+            matrix = vectors_to_numpy(table.column("vector"), self.dim).astype(np.float32)
+        elif isinstance(vector_type, pa.FixedSizeListType):
             self.dim = vector_type.list_size
             matrix = fixed_list_to_numpy(table.column("vector"), self.dim, np.float32)
         else:

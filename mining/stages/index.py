@@ -42,6 +42,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from mining.config import Job
+from mining.contracts import embeddings_dim
 from mining.knn.faiss_index import (
     as_float32,
     code_bytes,
@@ -215,7 +216,7 @@ def _make_layout(job: Job, work: WorkDir, lang: str, shards: list[str], fp: str)
     total = sum(counts)
     if total == 0:
         raise ValueError(f"languages.{lang}: no sentences left after prepare; nothing to index")
-    dim = pq.read_schema(paths[0]).field("vector").type.list_size
+    dim = embeddings_dim(paths[0])
     cfg = job.index
     factory = resolve_factory(cfg.type, total, dim, cfg.exact_limit)
     index = new_index(factory, dim)

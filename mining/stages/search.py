@@ -36,7 +36,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mining.config import Job
-from mining.contracts import iter_embedding_blocks, neighbours_schema, numpy_to_fixed_list
+from mining.contracts import (
+    embeddings_dim,
+    iter_embedding_blocks,
+    neighbours_schema,
+    numpy_to_fixed_list,
+)
 from mining.knn.faiss_index import as_float32, gpu_count, load_index, set_nprobe, to_gpu
 from mining.knn.stored import EmbeddingStore, iter_blocks, num_rows
 from mining.knn.topk import EMPTY_ID, RunningTopK, sort_rows
@@ -218,7 +223,7 @@ def _rescore(
     """Exact scores of the candidates; `held`: the query vectors, if still in memory."""
     if held is not None and len(held) == len(ids):
         return store.rescore(held, ids)
-    dim = pq.read_schema(query_path).field("vector").type.list_size
+    dim = embeddings_dim(query_path)
     # float16 vectors and their float32 copy
     group = max(1, RESCORE_BYTES // (6 * dim))
     scores = np.empty(ids.shape, dtype=np.float32)
