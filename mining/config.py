@@ -153,7 +153,7 @@ class IndexSection:
     # Vectors the index trains on, a sample drawn from job.seed; 0 = enough for its
     # lists and codes (40 per IVF list, at least 65536, capped at 2 GiB of float32).
     train_size: int = 0
-    # IVF lists probed per query; 0 = 1/256 of the lists, 8 to 256. Read by search:
+    # IVF lists probed per query; 0 = 1/256 of the lists, 16 to 256. Read by search:
     # changing it reruns search, not the index.
     nprobe: int = 0
 

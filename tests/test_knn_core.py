@@ -185,10 +185,10 @@ def test_exact_topk_is_brute_force() -> None:
 def test_auto_ladder() -> None:
     assert resolve_factory("auto", 10**6, 4096) == "Flat"
     assert resolve_factory("HNSW32", 10, 8) == "HNSW32"
-    assert resolve_factory("auto", 2 * 10**6, 256) == "IVF2048,SQfp16"
-    assert resolve_factory("auto", 2 * 10**6, 4096) == "OPQ64_256,IVF2048,PQ64"
-    assert resolve_factory("auto", 10**9, 4096) == "OPQ64_256,IVF65536_HNSW32,PQ64"
-    assert resolve_factory("auto", 10**5, 256, exact_limit=0) == "IVF512,SQfp16"
+    assert resolve_factory("auto", 2 * 10**6, 256) == "IVF4096,SQfp16"
+    assert resolve_factory("auto", 2 * 10**6, 4096) == "OPQ64_256,IVF4096,PQ64"
+    assert resolve_factory("auto", 10**9, 4096) == "OPQ64_256,IVF131072_HNSW32,PQ64"
+    assert resolve_factory("auto", 10**5, 256, exact_limit=0) == "IVF1024,SQfp16"
     # Lists grow with the corpus, and never past what it can train.
     assert ivf_lists(10**4) < ivf_lists(10**6) < ivf_lists(10**8)
     assert ivf_lists(1000) * 39 <= 1000

@@ -32,8 +32,6 @@ from mining.knn.torch_knn import to_device
 MAX_SCORES = 1 << 24
 # Lists up to this long pass all their scores to the heap; longer ones a top-k.
 HEAP_DIRECT = 512
-# Scores per list and thread below which the scan runs in one thread.
-PARALLEL_SCORES = 65536
 THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -118,18 +116,21 @@ class ListMajorSearcher:
             for vt in self.chain:
                 x = vt.apply(x)
         nprobe = min(nprobe, self.ivf.nlist)
-        # Threads pay only when each list's product is large: for small ones
-        # their turns at the GIL cost more than they save.
-        per_list = len(x) * nprobe / self.ivf.nlist * self.ivf.ntotal / self.ivf.nlist
-        threads = THREADS if per_list / THREADS >= PARALLEL_SCORES else 1
-        parts = [p for p in np.array_split(np.arange(len(x)), threads) if len(p)]
+        parts = [p for p in np.array_split(np.arange(len(x)), THREADS) if len(p)]
         if not parts:
             return self._search_part(x, k, nprobe)
-        # Even one part runs in a worker thread: there torch runs each small
-        # product in that thread, where in the main thread it would spread it
-        # over its intra-op pool, whose barriers dominate on a loaded machine.
-        with ThreadPoolExecutor(len(parts)) as pool:
-            results = list(pool.map(lambda rows: self._search_part(x[rows], k, nprobe), parts))
+        # Each product is small: torch's intra-op pool would spread it over the
+        # cores with barriers that cost more than the product (and more still on
+        # a loaded machine). Single-threaded products, one thread per part, keep
+        # the cores busy instead. This process runs nothing else in torch
+        # meanwhile, so the pool size is set for the scan and put back after.
+        pool_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(len(parts)) as pool:
+                results = list(pool.map(lambda rows: self._search_part(x[rows], k, nprobe), parts))
+        finally:
+            torch.set_num_threads(pool_threads)
         return (
             np.concatenate([r[0] for r in results]),
             np.concatenate([r[1] for r in results]),

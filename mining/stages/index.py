@@ -19,6 +19,11 @@ under a file lock, and written with the fingerprint it was made for. Every
 other task reads it. So the layout and the trained index exist once, however
 the executor orders or spreads the tasks.
 
+Training draws a seeded sample of whole row groups, then rows among them (so a
+10^9-row language is not read in full for 10^5 training vectors); a flat IVF
+quantizer is trained by spherical k-means and vectors are assigned to lists with
+bfloat16 products in torch (mining/knn/kmeans.py), FAISS trains the codes.
+
     index/<lang>/layout.json            fingerprint, factory, dim, rows, shards
     index/<lang>/<fp>/empty.faiss       the trained, empty index
     index/<lang>/<fp>/<j>.faiss, .ids.npy
