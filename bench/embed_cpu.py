@@ -20,7 +20,6 @@ import argparse
 import logging
 import sys
 import tempfile
-import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +35,7 @@ from mining.encoders import hf  # noqa: E402
 from mining.pipeline import execute_task, pending, run_job  # noqa: E402
 from mining.stages import embed  # noqa: E402
 from mining.store import WorkDir  # noqa: E402
+from tests.jobs import write_shards, write_spec  # noqa: E402
 from tests.tiny_models import build_tiny_mst5, mixed_length_sentences  # noqa: E402
 
 
@@ -104,34 +104,19 @@ def main(argv: list[str] | None = None) -> int:
         base, adapter = build_tiny_mst5(root / "models", d_model=d_model, num_layers=layers)
         texts = mixed_length_sentences(base / "spiece.model", args.sentences)
         for lang, lines in (("xx", texts), ("yy", texts[:10])):  # yy: a job needs a pair
-            corpus = root / "corpus" / lang
-            corpus.mkdir(parents=True)
-            (corpus / "part-0.txt").write_text("".join(t + "\n" for t in lines), "utf-8")
-        spec = root / "job.toml"
-        spec.write_text(
-            textwrap.dedent(
-                f"""\
-                pairs = ["xx-yy"]
-                [job]
-                name = "bench"
-                [languages.xx]
-                shards = ["corpus/xx/*.txt"]
-                [languages.yy]
-                shards = ["corpus/yy/*.txt"]
-                [prepare]
-                dedup = false
-                [encoder]
-                kind = "hf"
-                model = "{base}"
-                adapter = "{adapter}"
-                dtype = "{args.dtype}"
-                attention = "{args.attention}"
-                compile = {str(args.compile).lower()}
-                batch_tokens = {args.batch_tokens}
-                max_tokens = 512
-                """
-            )
-        )
+            write_shards(root / "corpus" / lang, [lines])
+        encoder = {
+            "kind": "hf",
+            "model": base,
+            "adapter": adapter,
+            "dtype": args.dtype,
+            "attention": args.attention,
+            "compile": args.compile,
+            "batch_tokens": args.batch_tokens,
+            "max_tokens": 512,
+        }
+        tables = {"job": {"name": "bench"}, "prepare": {"dedup": False}, "encoder": encoder}
+        spec = write_spec(root / "job.toml", ["xx-yy"], tables)
         job = load_job(spec)
         run_job(job, ["prepare"])
         task = next(t for t in pending(job, ["embed"])[0].todo if t.key.startswith("xx/"))

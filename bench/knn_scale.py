@@ -30,7 +30,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -39,9 +38,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mining.contracts import embeddings_schema, read_neighbours, sentence_ids, vectors_to_arrow
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mining.contracts import (
+    embeddings_schema,
+    read_neighbours,
+    sentence_ids,
+    vectors_to_arrow,
+)
 from mining.knn.stored import iter_blocks
 from mining.knn.topk import RunningTopK
+from tests.jobs import write_spec
 
 SHARDS = 4
 PAIRED = 0.3
@@ -96,41 +102,14 @@ def make_corpus(root: Path, n: int, dim: int, seed: int = 0, threshold: float = 
             pq.write_table(table, out, row_group_size=65536)
     # Paired rows share their id on both sides (same shard, same line).
     np.save(root / "gold.npy", np.concatenate(gold))
-    spec = root / "job.toml"
-    spec.write_text(
-        textwrap.dedent(
-            f"""\
-            pairs = ["src-tgt"]
-
-            [job]
-            name = "bench"
-            work_dir = "work"
-
-            [languages.src]
-            shards = ["corpus/src/*.txt"]
-
-            [languages.tgt]
-            shards = ["corpus/tgt/*.txt"]
-
-            [encoder]
-            kind = "precomputed"
-            path = "vectors/{{lang}}/{{shard}}.parquet"
-
-            [index]
-            type = "auto"
-            exact_limit = 0
-
-            [search]
-            k = {K}
-
-            [mine]
-            margin = "ratio"
-            retrieval = "max"
-            threshold = {threshold}
-            """
-        )
-    )
-    return spec
+    tables = {
+        "job": {"name": "bench", "work_dir": "work"},
+        "encoder": {"kind": "precomputed", "path": "vectors/{lang}/{shard}.parquet"},
+        "index": {"type": "auto", "exact_limit": 0},
+        "search": {"k": K},
+        "mine": {"margin": "ratio", "retrieval": "max", "threshold": threshold},
+    }
+    return write_spec(root / "job.toml", ["src-tgt"], tables)
 
 
 def run_measured(args: list[str]) -> tuple[float, float]:

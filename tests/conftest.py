@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.jobs import write_shards, write_spec
 
 # Concept -> (English word, German word). The toy encoder maps both words to
 # the concept, so a sentence and its word-for-word translation share a vector.
@@ -70,51 +71,19 @@ def write_toy_corpus(
     rng.shuffle(en)
     rng.shuffle(de)
     for lang, lines in (("en", en), ("de", de)):
-        folder = root / "corpus" / lang
-        folder.mkdir(parents=True, exist_ok=True)
         per = -(-len(lines) // shards)
-        for s in range(shards):
-            (folder / f"part-{s}.txt").write_text(
-                "".join(line + "\n" for line in lines[s * per : (s + 1) * per]), encoding="utf-8"
-            )
+        chunks = [lines[s * per : (s + 1) * per] for s in range(shards)]
+        write_shards(root / "corpus" / lang, chunks)
     gold_path = root / "gold.en-de.tsv"
     gold_path.write_text("".join(f"{e}\t{d}\n" for e, d in sorted(gold)), encoding="utf-8")
-    spec = root / "job.toml"
-    spec.write_text(
-        textwrap.dedent(
-            """\
-            pairs = ["en-de"]
-
-            [job]
-            name = "toy"
-            work_dir = "work"
-
-            [languages.en]
-            shards = ["corpus/en/*.txt"]
-
-            [languages.de]
-            shards = ["corpus/de/*.txt"]
-
-            [encoder]
-            kind = "toy"
-            dim = 256
-            lexicon = "lexicon.tsv"
-
-            [search]
-            k = 4
-
-            [mine]
-            margin = "ratio"
-            retrieval = "max"
-            threshold = 1.5
-
-            [evaluate]
-            gold = { "en-de" = "gold.en-de.tsv" }
-            """
-        )
-        + extra_spec,
-        encoding="utf-8",
-    )
+    tables = {
+        "job": {"name": "toy", "work_dir": "work"},
+        "encoder": {"kind": "toy", "dim": 256, "lexicon": "lexicon.tsv"},
+        "search": {"k": 4},
+        "mine": {"margin": "ratio", "retrieval": "max", "threshold": 1.5},
+        "evaluate": {"gold": {"en-de": "gold.en-de.tsv"}},
+    }
+    spec = write_spec(root / "job.toml", ["en-de"], tables, extra=extra_spec)
     return ToyCorpus(root=root, spec=spec, gold=gold)
 
 

@@ -58,3 +58,46 @@ def test_read_embeddings_smoke() -> None:
     out = _run(sys.executable, "bench/read_embeddings.py", "--smoke")
     assert out.splitlines()[-1].startswith("read_embeddings ")
     assert "FAIL" not in out and "WRONG" not in out
+
+
+def test_knn_scale_smoke(tmp_path: Path) -> None:
+    out = _run(
+        sys.executable,
+        "bench/knn_scale.py",
+        "--sizes",
+        "2e3,4e3",
+        "--repeat",
+        "1",
+        "--work",
+        str(tmp_path),
+    )
+    sizes = [line for line in out.splitlines() if line.startswith("knn_scale N=")]
+    assert len(sizes) == 2, out
+    for line in sizes:
+        recall = float(re.search(r"recall@4 (\S+),", line).group(1))
+        precision, found = map(float, re.search(r"precision (\S+), recall (\S+)\)", line).groups())
+        # Small corpora have sparse neighbourhoods, so a few chance pairs pass the
+        # margin (0.85 measured at 2,000); every true pair must still be found.
+        assert recall >= 0.9 and precision >= 0.75 and found >= 0.95, line
+    assert re.search(r"^knn_scale growth .*: (PASS|FAIL)$", out, re.M), out
+
+
+def test_mine_vs_reference_smoke(tmp_path: Path) -> None:
+    # The reference is LASER's procedure written out plainly. With an exact index the
+    # pairs must match it exactly (an approximate one may miss neighbours, and a missed
+    # neighbour lowers a neighbourhood mean: at 3,000 per side IVF64 gave 8 extra pairs).
+    out = _run(
+        sys.executable,
+        "bench/mine_vs_reference.py",
+        "--n",
+        "3e3",
+        "--repeat",
+        "1",
+        "--work",
+        str(tmp_path),
+        "--set",
+        "index.type=Flat",
+    )
+    line = out.splitlines()[-1]
+    assert line.startswith("mine_vs_reference N=3e+03/side: pairs identical"), out
+    assert "faster" in line and "peak RSS" in line

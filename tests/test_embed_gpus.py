@@ -9,7 +9,6 @@ the ones an in-process run writes. The workers then run on the CPU.
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from mining.contracts import read_embeddings
 from mining.executors import local
 from mining.pipeline import run_job
 from mining.store import WorkDir
+from tests.jobs import write_shards, write_spec
 from tests.tiny_models import build_tiny_mst5, mixed_length_sentences
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*checkpointing.*:FutureWarning")
@@ -28,33 +28,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*checkpointing.*:FutureWarning"
 def _job(root: Path, base: Path, adapter: Path) -> Path:
     for lang, seed in (("xx", 1), ("yy", 2)):
         texts = mixed_length_sentences(base / "spiece.model", 80, seed=seed)
-        for shard in range(3):
-            folder = root / "corpus" / lang
-            folder.mkdir(parents=True, exist_ok=True)
-            lines = texts[shard::3]
-            (folder / f"part-{shard}.txt").write_text("".join(t + "\n" for t in lines))
-    spec = root / "job.toml"
-    spec.write_text(
-        textwrap.dedent(
-            f"""\
-            pairs = ["xx-yy"]
-            [job]
-            name = "gpus"
-            [languages.xx]
-            shards = ["corpus/xx/*.txt"]
-            [languages.yy]
-            shards = ["corpus/yy/*.txt"]
-            [embed]
-            chunk_rows = 16
-            [encoder]
-            kind = "hf"
-            model = "{base}"
-            adapter = "{adapter}"
-            dtype = "float32"
-            """
-        )
-    )
-    return spec
+        write_shards(root / "corpus" / lang, [texts[shard::3] for shard in range(3)])
+    encoder = {"kind": "hf", "model": base, "adapter": adapter, "dtype": "float32"}
+    tables = {"job": {"name": "gpus"}, "embed": {"chunk_rows": 16}, "encoder": encoder}
+    return write_spec(root / "job.toml", ["xx-yy"], tables)
 
 
 def test_one_worker_per_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,6 @@ what goes into its fingerprint, and resuming a shard killed half-way.
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from mining.contracts import read_embeddings
 from mining.encoders.hf import HFEncoder, card_recipe_embeddings
 from mining.pipeline import pending, run_job
 from mining.store import WorkDir
+from tests.jobs import write_shards, write_spec
 from tests.tiny_models import build_tiny_mst5, mixed_length_sentences
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*checkpointing.*:FutureWarning")
@@ -40,34 +40,15 @@ def texts(tiny: tuple[Path, Path]) -> dict[str, list[str]]:
 def write_job(root: Path, tiny: tuple[Path, Path], texts: dict[str, list[str]], **encoder) -> Path:
     base, adapter = tiny
     for lang, lines in texts.items():
-        folder = root / "corpus" / lang
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "part-0.txt").write_text("".join(t + "\n" for t in lines), encoding="utf-8")
-    settings = {"kind": "hf", "model": str(base), "adapter": str(adapter), "dtype": "float32"}
-    settings.update(encoder)
-    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())
-    spec = root / "job.toml"
-    spec.write_text(
-        textwrap.dedent(
-            """\
-            pairs = ["xx-yy"]
-            [job]
-            name = "embed-hf"
-            [languages.xx]
-            shards = ["corpus/xx/*.txt"]
-            [languages.yy]
-            shards = ["corpus/yy/*.txt"]
-            [prepare]
-            dedup = false
-            [embed]
-            chunk_rows = 32
-            [encoder]
-            """
-        )
-        + lines
-        + "\n"
-    )
-    return spec
+        write_shards(root / "corpus" / lang, [lines])
+    settings = {"kind": "hf", "model": base, "adapter": adapter, "dtype": "float32", **encoder}
+    tables = {
+        "job": {"name": "embed-hf"},
+        "prepare": {"dedup": False},
+        "embed": {"chunk_rows": 32},
+        "encoder": settings,
+    }
+    return write_spec(root / "job.toml", ["xx-yy"], tables)
 
 
 def embed(spec: Path, *overrides: str) -> tuple[np.ndarray, dict]:
