@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,21 @@ def write_toy_corpus(
     }
     spec = write_spec(root / "job.toml", ["en-de"], tables, extra=extra_spec)
     return ToyCorpus(root=root, spec=spec, gold=gold)
+
+
+@pytest.fixture
+def one_faiss_thread() -> Iterator[None]:
+    """FAISS on one thread, for tests whose indexes hold a few hundred vectors.
+
+    OpenMP's threads would only wait on each other there, and on a loaded machine
+    (tests run beside other work) a spinning barrier turns milliseconds into seconds.
+    """
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
 
 
 @pytest.fixture

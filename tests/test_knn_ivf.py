@@ -12,14 +12,8 @@ from mining.knn.exact import pair_similarities
 from mining.knn.faiss_index import new_index
 from mining.knn.kmeans import Populator, spherical_kmeans, train_quantizer
 
-
-@pytest.fixture(autouse=True)
-def _one_faiss_thread():
-    # Small problems: OpenMP barriers only slow them down on a loaded machine.
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+# Small indexes: OpenMP threads would only wait on each other (see conftest).
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -17,16 +16,8 @@ from mining.pipeline import build_plan, execute_task, pending, run_job
 from mining.store import WorkDir
 from tests.conftest import write_toy_corpus
 
-
-@pytest.fixture(autouse=True)
-def _one_faiss_thread():
-    # These indexes train on 180 vectors: OpenMP's threads only wait on each other
-    # there, and on a loaded machine (tests run in parallel) a spinning barrier
-    # turns milliseconds into seconds.
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+# Small indexes: OpenMP threads would only wait on each other (see conftest).
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def _run(root: Path, *overrides: str) -> WorkDir:
