@@ -201,3 +201,17 @@ def read_neighbours(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         fixed_list_to_numpy(table.column("neighbour_ids"), k, np.int64),
         fixed_list_to_numpy(table.column("similarities"), k, np.float32),
     )
+
+
+def iter_neighbour_blocks(path: Path, block_rows: int):
+    """Yield (ids, neighbour_ids, similarities) at most block_rows rows at a time."""
+    pf = pq.ParquetFile(path)
+    k = pf.schema_arrow.field("neighbour_ids").type.list_size
+    check_schema(path, pf.schema_arrow, neighbours_schema(k))
+    columns = ["id", "neighbour_ids", "similarities"]
+    for batch in pf.iter_batches(batch_size=block_rows, columns=columns):
+        yield (
+            batch.column(0).to_numpy(),
+            fixed_list_to_numpy(batch.column(1), k, np.int64),
+            fixed_list_to_numpy(batch.column(2), k, np.float32),
+        )

@@ -25,6 +25,7 @@ Deliberate differences from LASER's script, all requested by the callers of this
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -104,8 +105,13 @@ def neighbourhood_means(similarities: np.ndarray) -> np.ndarray:
     if similarities.shape[0] == 0:
         return np.empty(0, dtype=np.float64)
     # Accumulate in float64: with float32 inputs the float32 mean would lose digits that the
-    # ratio margin then amplifies when comparing near-tied candidates.
-    return similarities.mean(axis=1, dtype=np.float64)
+    # ratio margin then amplifies when comparing near-tied candidates. Column by column, in
+    # order, so that a row's mean is the same bits whatever block of rows it is read in
+    # (numpy's reductions may group the additions differently by array shape).
+    total = similarities[:, 0].astype(np.float64)
+    for column in range(1, similarities.shape[1]):
+        total += similarities[:, column]
+    return total / similarities.shape[1]
 
 
 def margin(cosines: np.ndarray, means: np.ndarray, kind: Margin) -> np.ndarray:
@@ -391,3 +397,213 @@ def _greedy_one_to_one(
         # Accepted candidates drop out here too: their own source is now used.
         alive = alive[~(used_src[s] | used_tgt[t])]
     return kept, rounds
+
+
+# --------------------------------------------------------------------------
+# Mining from neighbour lists streamed in blocks, in memory that does not hold them
+
+
+# (where, query ids (n,), neighbour ids (n, k), similarities (n, k)); `where` names the
+# block's file in errors.
+Block = tuple[str, np.ndarray, np.ndarray, np.ndarray]
+
+
+class SentenceTable:
+    """A value per sentence id, for pipeline ids (shard << LINE_BITS | line).
+
+    One dense array per shard, indexed by line: 8 bytes a sentence, where a dict
+    or a sorted id column would take several times that, and a lookup is one
+    gather per shard. Unset slots hold `missing`.
+    """
+
+    def __init__(self, line_bits: int, dtype: type, missing: float | int) -> None:
+        self._bits = line_bits
+        self._mask = (1 << line_bits) - 1
+        self._dtype = dtype
+        self._missing = missing
+        self._shards: dict[int, np.ndarray] = {}
+        self.size = 0
+
+    def _unset(self, values: np.ndarray) -> np.ndarray:
+        if isinstance(self._missing, float) and np.isnan(self._missing):
+            return np.isnan(values)
+        return values == self._missing
+
+    def put(self, ids: np.ndarray, values: np.ndarray, where: str) -> None:
+        if ids.size and int(ids.min()) < 0:
+            raise ValueError(f"{where}: negative sentence id {int(ids.min())}")
+        shards = ids >> self._bits
+        for shard in np.unique(shards):
+            pick = shards == shard
+            lines = ids[pick] & self._mask
+            table = self._shards.get(int(shard))
+            need = int(lines.max()) + 1
+            if table is None or len(table) < need:
+                size = need if table is None else max(need, 2 * len(table))
+                grown = np.full(size, self._missing, dtype=self._dtype)
+                if table is not None:
+                    grown[: len(table)] = table
+                table = self._shards[int(shard)] = grown
+            if not self._unset(table[lines]).all() or len(np.unique(lines)) != len(lines):
+                raise ValueError(f"{where}: sentence ids repeat (shard {int(shard)})")
+            table[lines] = values[pick]
+        self.size += len(ids)
+
+    def get(self, ids: np.ndarray, where: str, what: str) -> np.ndarray:
+        out = np.empty(ids.shape, dtype=self._dtype)
+        shards = ids >> self._bits
+        for shard in np.unique(shards):
+            pick = shards == shard
+            lines = ids[pick] & self._mask
+            table = self._shards.get(int(shard))
+            if table is None:
+                found = np.zeros(lines.shape, dtype=bool)
+            else:
+                inside = lines < len(table)
+                found = inside.copy()
+                found[inside] = ~self._unset(table[lines[inside]])
+            if not found.all():
+                bad = int(ids[pick][~found][0])
+                raise ValueError(
+                    f"{where}: {int((~found).sum())} neighbour id(s) are not {what}, e.g. {bad}"
+                )
+            out[pick] = table[lines]
+        return out
+
+
+def _check_block(block: Block, direction: str) -> Block:
+    where, ids, neighbour_ids, similarities = block
+    try:
+        ids = _as_ids(ids, "ids")
+        neighbour_ids, similarities = _as_knn(neighbour_ids, similarities, len(ids), direction)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if similarities.shape[1] == 0 and len(ids):
+        raise ValueError(f"{where}: at least one neighbour per row is needed (k >= 1)")
+    if (neighbour_ids == _FAISS_MISSING).any():
+        raise ValueError(
+            f"{where}: neighbour id -1 (FAISS's 'no neighbour' marker): the index had "
+            "fewer than k vectors; search with k <= index size"
+        )
+    return where, ids, neighbour_ids, similarities
+
+
+def _stream_best(
+    blocks: Iterable[Block],
+    direction: str,
+    own: SentenceTable,
+    other: SentenceTable,
+    other_name: str,
+    margin_kind: Margin,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Each block's best candidates: (query ids, neighbour ids, scores, cosines)."""
+    for block in blocks:
+        where, ids, neighbour_ids, similarities = _check_block(block, direction)
+        if not len(ids):
+            continue
+        means = own.get(ids, where, "the queries read in the first pass")
+        other_means = other.get(neighbour_ids, where, other_name)
+        scores = margin(similarities, (means[:, None] + other_means) / 2, margin_kind)
+        rows, column = np.arange(len(ids)), np.argmax(scores, axis=1)
+        yield (
+            ids,
+            neighbour_ids[rows, column],
+            scores[rows, column],
+            similarities[rows, column].astype(np.float32),
+        )
+
+
+def mine_streamed(
+    fwd: Callable[[], Iterable[Block]],
+    bwd: Callable[[], Iterable[Block]],
+    *,
+    margin_kind: Margin,
+    retrieval: Retrieval,
+    threshold: float,
+    line_bits: int,
+) -> MinedPairs:
+    """`mine` over neighbour lists read block by block, twice: the same pairs, in the same
+    order, with memory for a float per sentence and the candidates above the threshold.
+
+    fwd and bwd make the blocks anew on each call (a pass): the first pass takes every
+    sentence's neighbourhood mean, the second scores each query's candidates. Only the best
+    candidate of a query can be selected (all modes take it first), and only one whose score
+    passes the threshold can be kept, so each block leaves just those; in `max`, candidates
+    at or below the threshold rank after every kept one and could only block each other.
+    `intersect` keeps, besides, each target's best source (8 bytes a target). Ids must be
+    the pipeline's (non-negative, the line in the low `line_bits` bits); the blocks of a
+    direction must come in the same order on both passes, as ties go to the earlier one.
+    """
+    if margin_kind not in _MARGINS:
+        raise ValueError(f"margin_kind must be one of {_MARGINS}, got {margin_kind!r}")
+    if retrieval not in _RETRIEVALS:
+        raise ValueError(f"retrieval must be one of {_RETRIEVALS}, got {retrieval!r}")
+    src_means = SentenceTable(line_bits, np.float64, np.nan)
+    tgt_means = SentenceTable(line_bits, np.float64, np.nan)
+    for blocks, table, direction in ((fwd, src_means, "fwd"), (bwd, tgt_means, "bwd")):
+        for block in blocks():
+            where, ids, _, similarities = _check_block(block, direction)
+            if len(ids):
+                table.put(ids, neighbourhood_means(similarities), where)
+    if src_means.size == 0 or tgt_means.size == 0:
+        return MinedPairs.empty()
+
+    def best(direction: str) -> list[tuple[np.ndarray, ...]]:
+        if direction == "fwd":
+            stream = _stream_best(fwd(), "fwd", src_means, tgt_means, "targets", margin_kind)
+        else:
+            stream = _stream_best(bwd(), "bwd", tgt_means, src_means, "sources", margin_kind)
+        if retrieval == "intersect" and direction == "bwd":
+            return list(stream)
+        return [tuple(x[s > threshold] for x in (q, n, s, c)) for q, n, s, c in stream]
+
+    def joined(parts: list[tuple[np.ndarray, ...]], column: int, dtype: type) -> np.ndarray:
+        return np.concatenate([p[column] for p in parts]) if parts else np.empty(0, dtype)
+
+    labels = []
+    columns = {"src": [], "tgt": [], "score": [], "cos": []}
+    if retrieval in ("fwd", "max", "intersect"):
+        parts = best("fwd")
+        columns["src"].append(joined(parts, 0, np.int64))
+        columns["tgt"].append(joined(parts, 1, np.int64))
+        columns["score"].append(joined(parts, 2, np.float64))
+        columns["cos"].append(joined(parts, 3, np.float32))
+        labels.append(np.full(len(columns["src"][-1]), "fwd", dtype=_DIRECTION_DTYPE))
+    if retrieval in ("bwd", "max"):
+        parts = best("bwd")
+        columns["tgt"].append(joined(parts, 0, np.int64))
+        columns["src"].append(joined(parts, 1, np.int64))
+        columns["score"].append(joined(parts, 2, np.float64))
+        columns["cos"].append(joined(parts, 3, np.float32))
+        labels.append(np.full(len(columns["src"][-1]), "bwd", dtype=_DIRECTION_DTYPE))
+    src, tgt, score, cos = (np.concatenate(columns[c]) for c in ("src", "tgt", "score", "cos"))
+    direction = np.concatenate(labels)
+
+    if retrieval == "intersect":
+        best_source = SentenceTable(line_bits, np.int64, -1)
+        for targets, sources, _, _ in best("bwd"):
+            best_source.put(targets, sources, "backward neighbours")
+        mutual = best_source.get(tgt, "forward neighbours", "targets") == src
+        src, tgt, score, cos = src[mutual], tgt[mutual], score[mutual], cos[mutual]
+        direction = np.full(len(src), "both", dtype=_DIRECTION_DTYPE)
+    elif retrieval == "max":
+        order = np.argsort(-score, kind="stable")
+        # One-to-one over the candidates' own sentences, numbered densely.
+        src_pos = np.unique(src, return_inverse=True)[1]
+        tgt_pos = np.unique(tgt, return_inverse=True)[1]
+        kept, _ = _greedy_one_to_one(
+            src_pos[order],
+            tgt_pos[order],
+            int(src_pos.max(initial=-1)) + 1,
+            int(tgt_pos.max(initial=-1)) + 1,
+        )
+        selected = order[kept]
+        src, tgt, score, cos, direction = (x[selected] for x in (src, tgt, score, cos, direction))
+    order = np.argsort(-score, kind="stable")
+    return MinedPairs(
+        src_ids=src[order],
+        tgt_ids=tgt[order],
+        scores=score[order],
+        cosines=cos[order],
+        directions=direction[order],
+    )

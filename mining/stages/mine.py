@@ -1,8 +1,11 @@
 """mine: neighbours in both directions -> pairs/<src>-<tgt>.parquet and .tsv.gz.
 
 The margin needs each sentence's mean similarity to its k nearest neighbours
-over the whole other corpus, which is why this stage reads every shard's
-neighbour lists of a pair together (two (n, k) arrays, not the vectors).
+over the whole other corpus, so the stage reads the pair's neighbour files
+twice, block by block (mining.margin.mine_streamed): once for every
+sentence's neighbourhood mean (8 bytes a sentence), once to score each
+query's candidates, keeping only those that pass the threshold. The pairs
+are the ones mining.margin.mine finds with every list in memory.
 Outputs are sorted by score, descending; the TSV is `score<TAB>src<TAB>tgt`.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -19,13 +23,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mining.config import Job
-from mining.contracts import PAIRS, read_neighbours
-from mining.margin import mine as select_pairs
+from mining.contracts import LINE_BITS, PAIRS, iter_neighbour_blocks
+from mining.knn.stored import num_rows
+from mining.margin import Block, mine_streamed
 from mining.stages import Task, task_fingerprint
 from mining.store import WorkDir, atomic_path
 
 NAME = "mine"
-VERSION = 1
+# 2: neighbour lists streamed (mining.margin.mine_streamed)
+VERSION = 2
+# Neighbour rows read at a time: 2^18 rows of k = 16 are about 50 MB.
+BLOCK_ROWS = 1 << 18
 TAB = "\t"
 
 log = logging.getLogger(__name__)
@@ -62,42 +70,60 @@ def plan(job: Job, work: WorkDir, upstream: dict[str, list[Task]]) -> list[Task]
     return tasks
 
 
-def _read_direction(work: WorkDir, pair: str, direction: str, shards: list[str]):
-    parts = [read_neighbours(work.neighbours(pair, direction, s)) for s in shards]
-    ks = {p[1].shape[1] for p in parts if len(p[0])}
-    if len(ks) > 1:
-        raise ValueError(f"neighbours/{pair}/{direction}: shards disagree on k ({sorted(ks)})")
-    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+def _blocks(work: WorkDir, pair: str, direction: str, shards: list[str], ks: set[int]):
+    """A pass over one direction's neighbour files, block by block; the k seen go in ks."""
+
+    def blocks() -> Iterator[Block]:
+        for shard in shards:
+            path = work.neighbours(pair, direction, shard)
+            for ids, neighbour_ids, similarities in iter_neighbour_blocks(path, BLOCK_ROWS):
+                if len(ids):
+                    ks.add(neighbour_ids.shape[1])
+                if len(ks) > 1:
+                    raise ValueError(
+                        f"{path}: neighbours/{pair}/{direction} disagree on k ({sorted(ks)}); "
+                        "rerun the search stage"
+                    )
+                yield str(path), ids, neighbour_ids, similarities
+
+    return blocks
 
 
-def _texts(work: WorkDir, lang: str, shards: list[str], wanted: np.ndarray) -> dict[int, str]:
-    wanted_arr = pa.array(np.unique(wanted))
-    found: dict[int, str] = {}
+def _texts(work: WorkDir, lang: str, shards: list[str], wanted: np.ndarray) -> pa.Array:
+    """The text of each wanted id, in the order given; shards read a batch at a time and
+    only the wanted rows kept, as Arrow strings (no Python object per sentence)."""
+    value_set = pa.array(np.unique(wanted))
+    found_ids, found_texts = [], []
     for shard in shards:
-        table = pq.read_table(work.sentences(lang, shard), columns=["id", "text"])
-        table = table.filter(pc.is_in(table.column("id"), value_set=wanted_arr))
-        found.update(
-            zip(table.column("id").to_pylist(), table.column("text").to_pylist(), strict=True)
-        )
-    return found
+        path = work.sentences(lang, shard)
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=["id", "text"]):
+            keep = batch.filter(pc.is_in(batch.column(0), value_set=value_set))
+            found_ids.append(keep.column(0).to_numpy())
+            found_texts.append(keep.column(1))
+    ids = np.concatenate(found_ids) if found_ids else np.empty(0, dtype=np.int64)
+    texts = pa.concat_arrays(found_texts) if found_texts else pa.array([], pa.string())
+    order = np.argsort(ids, kind="stable")
+    slot = np.minimum(np.searchsorted(ids[order], wanted), max(len(ids) - 1, 0))
+    if len(wanted) and (not len(ids) or (ids[order][slot] != wanted).any()):
+        raise ValueError(f"sentences/{lang}: mined sentence ids missing; rerun prepare")
+    return texts.take(pa.array(order[slot])) if len(wanted) else texts
 
 
 def run(job: Job, work: WorkDir, task: Task) -> dict[str, Any]:
     p = task.params
     pair = p["pair"]
-    src_ids, fwd_ids, fwd_sims = _read_direction(work, pair, "fwd", p["fwd"])
-    tgt_ids, bwd_ids, bwd_sims = _read_direction(work, pair, "bwd", p["bwd"])
     cfg = job.mine
-    mined = select_pairs(
-        src_ids,
-        fwd_ids,
-        fwd_sims,
-        tgt_ids,
-        bwd_ids,
-        bwd_sims,
+    # k may differ between directions (it is capped at the size of the other side).
+    fwd_ks: set[int] = set()
+    fwd = _blocks(work, pair, "fwd", p["fwd"], fwd_ks)
+    bwd = _blocks(work, pair, "bwd", p["bwd"], set())
+    mined = mine_streamed(
+        fwd,
+        bwd,
         margin_kind=cfg.margin,
         retrieval=cfg.retrieval,
         threshold=cfg.threshold,
+        line_bits=LINE_BITS,
     )
     src_text = _texts(work, p["src"], p["src_shards"], mined.src_ids)
     tgt_text = _texts(work, p["tgt"], p["tgt_shards"], mined.tgt_ids)
@@ -107,9 +133,9 @@ def run(job: Job, work: WorkDir, task: Task) -> dict[str, Any]:
             "cosine": mined.cosines.astype(np.float32),
             "src_id": mined.src_ids.astype(np.int64),
             "tgt_id": mined.tgt_ids.astype(np.int64),
-            "src_text": [src_text[int(i)] for i in mined.src_ids],
-            "tgt_text": [tgt_text[int(i)] for i in mined.tgt_ids],
-            "direction": [str(d) for d in mined.directions],
+            "src_text": src_text,
+            "tgt_text": tgt_text,
+            "direction": mined.directions.astype(str),
         },
         schema=PAIRS,
     )
@@ -117,33 +143,37 @@ def run(job: Job, work: WorkDir, task: Task) -> dict[str, Any]:
         pq.write_table(table, tmp)
     if cfg.write_tsv:
         write_tsv(work, pair, table)
+    sources = sum(num_rows(work.neighbours(pair, "fwd", shard)) for shard in p["fwd"])
+    targets = sum(num_rows(work.neighbours(pair, "bwd", shard)) for shard in p["bwd"])
     return {
-        "rows_in": int(len(src_ids) + len(tgt_ids)),
+        "rows_in": sources + targets,
         "rows_out": int(table.num_rows),
-        "sources": len(src_ids),
-        "targets": len(tgt_ids),
-        "k": int(fwd_ids.shape[1]) if fwd_ids.ndim == 2 else 0,
+        "sources": sources,
+        "targets": targets,
+        "k": max(fwd_ks, default=0),
         "threshold": cfg.threshold,
         "margin": cfg.margin,
         "retrieval": cfg.retrieval,
     }
 
 
-def write_tsv(work: WorkDir, pair: str, table: pa.Table) -> None:
-    buffer = io.StringIO()
-    for score, src, tgt in zip(
-        table.column("score").to_pylist(),
-        table.column("src_text").to_pylist(),
-        table.column("tgt_text").to_pylist(),
-        strict=True,
-    ):
-        # The Parquet file keeps texts exactly; here a tab inside a sentence
-        # would shift the columns, so it becomes a space.
-        buffer.write(f"{score:.6f}\t{src.replace(TAB, ' ')}\t{tgt.replace(TAB, ' ')}\n")
+def write_tsv(work: WorkDir, pair: str, table: pa.Table, chunk_rows: int = 65536) -> None:
     with atomic_path(work.pairs_tsv(pair)) as tmp:
         # mtime=0: the same pairs give the same bytes, run after run.
         with (
             open(tmp, "wb") as raw,
             gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as fh,
         ):
-            fh.write(buffer.getvalue().encode("utf-8"))
+            for start in range(0, table.num_rows, chunk_rows):
+                part = table.slice(start, chunk_rows)
+                lines = io.StringIO()
+                for score, src, tgt in zip(
+                    part.column("score").to_pylist(),
+                    part.column("src_text").to_pylist(),
+                    part.column("tgt_text").to_pylist(),
+                    strict=True,
+                ):
+                    # The Parquet file keeps texts exactly; here a tab inside a sentence
+                    # would shift the columns, so it becomes a space.
+                    lines.write(f"{score:.6f}\t{src.replace(TAB, ' ')}\t{tgt.replace(TAB, ' ')}\n")
+                fh.write(lines.getvalue().encode("utf-8"))
