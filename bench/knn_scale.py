@@ -1,6 +1,6 @@
 """Index + search + mine at 10^4, 10^5 and 10^6 sentences per side.
 
-    python bench/knn_scale.py [--sizes 1e4,1e5,1e6] [--dim 256] [--work DIR]
+    python bench/knn_scale.py [--sizes 1e4,1e5,1e6] [--dim 256] [--work DIR] [--set KEY=VALUE]
 
 Synthetic clustered unit vectors (64 topics, 2048 clusters, heavy within-cluster
 noise) on both sides; 30% of the targets are noisy copies of the source with
@@ -186,9 +186,9 @@ def clear_outputs(work: Path) -> None:
         shutil.rmtree(work / name, ignore_errors=True)
 
 
-def bench_size(root: Path, n: int, dim: int, repeat: int) -> dict:
+def bench_size(root: Path, n: int, dim: int, repeat: int, overrides: list[str]) -> dict:
     spec = make_corpus(root, n, dim)
-    mining = [sys.executable, "-m", "mining", "run", str(spec)]
+    mining = [sys.executable, "-m", "mining", "run", str(spec), *(f"--set={o}" for o in overrides)]
     subprocess.run(
         [*mining, "--stage", "prepare", "--stage", "embed"], check=True, capture_output=True
     )
@@ -232,11 +232,14 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--work", type=Path, default=Path("/tmp/knn_scale"))
     parser.add_argument("--repeat", type=int, default=2, help="timed runs per size (best kept)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="job spec KEY=VALUE"
+    )
     args = parser.parse_args()
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     print(
         f"# knn_scale {time.strftime('%Y-%m-%d')} on {platform.node()}: {os.cpu_count()} CPUs, "
-        f"faiss {faiss.__version__}, d={args.dim}",
+        f"faiss {faiss.__version__}, d={args.dim}, settings {args.overrides or 'job defaults'}",
         flush=True,
     )
     results = []
@@ -244,7 +247,7 @@ def main() -> None:
         root = args.work / f"n{n}"
         if root.exists():
             shutil.rmtree(root)
-        r = bench_size(root, n, args.dim, args.repeat)
+        r = bench_size(root, n, args.dim, args.repeat, args.overrides)
         results.append(r)
         print(
             f"knn_scale N={n:.0e}/side {r['factory']} nprobe={r['nprobe']}: "
