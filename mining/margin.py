@@ -557,25 +557,21 @@ def mine_streamed(
             return list(stream)
         return [tuple(x[s > threshold] for x in (q, n, s, c)) for q, n, s, c in stream]
 
-    def joined(parts: list[tuple[np.ndarray, ...]], column: int, dtype: type) -> np.ndarray:
-        return np.concatenate([p[column] for p in parts]) if parts else np.empty(0, dtype)
-
+    # The forward block first, then the backward one: `max` breaks score ties in this
+    # order, as `mine` does. (`intersect` reads the backward bests below.)
+    wanted = {"fwd": ["fwd"], "bwd": ["bwd"], "max": ["fwd", "bwd"], "intersect": ["fwd"]}
+    columns: dict[str, list[np.ndarray]] = {"src": [], "tgt": [], "score": [], "cos": []}
     labels = []
-    columns = {"src": [], "tgt": [], "score": [], "cos": []}
-    if retrieval in ("fwd", "max", "intersect"):
-        parts = best("fwd")
-        columns["src"].append(joined(parts, 0, np.int64))
-        columns["tgt"].append(joined(parts, 1, np.int64))
-        columns["score"].append(joined(parts, 2, np.float64))
-        columns["cos"].append(joined(parts, 3, np.float32))
-        labels.append(np.full(len(columns["src"][-1]), "fwd", dtype=_DIRECTION_DTYPE))
-    if retrieval in ("bwd", "max"):
-        parts = best("bwd")
-        columns["tgt"].append(joined(parts, 0, np.int64))
-        columns["src"].append(joined(parts, 1, np.int64))
-        columns["score"].append(joined(parts, 2, np.float64))
-        columns["cos"].append(joined(parts, 3, np.float32))
-        labels.append(np.full(len(columns["src"][-1]), "bwd", dtype=_DIRECTION_DTYPE))
+    for side in wanted[retrieval]:
+        parts = best(side)
+        names = ("src", "tgt") if side == "fwd" else ("tgt", "src")
+        for column, (name, dtype) in enumerate(
+            ((names[0], np.int64), (names[1], np.int64), ("score", np.float64), ("cos", np.float32))
+        ):
+            columns[name].append(
+                np.concatenate([p[column] for p in parts]) if parts else np.empty(0, dtype)
+            )
+        labels.append(np.full(len(columns["src"][-1]), side, dtype=_DIRECTION_DTYPE))
     src, tgt, score, cos = (np.concatenate(columns[c]) for c in ("src", "tgt", "score", "cos"))
     direction = np.concatenate(labels)
 
