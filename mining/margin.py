@@ -37,6 +37,9 @@ Retrieval = Literal["fwd", "bwd", "max", "intersect"]
 _MARGINS: tuple[str, ...] = get_args(Margin)
 _RETRIEVALS: tuple[str, ...] = get_args(Retrieval)
 
+# Ids as `mine` hands them to `mine_streamed`: positions, all in "shard" 0.
+_POSITION_BITS = 62
+
 # FAISS fills the id slots it could not fill (fewer than k vectors in the index) with -1.
 _FAISS_MISSING = -1
 
@@ -173,10 +176,7 @@ def mine(
         ValueError: on malformed shapes, unknown modes, duplicate ids, neighbour ids that are
             -1 or absent from the other side, or non-finite similarities.
     """
-    if margin_kind not in _MARGINS:
-        raise ValueError(f"margin_kind must be one of {_MARGINS}, got {margin_kind!r}")
-    if retrieval not in _RETRIEVALS:
-        raise ValueError(f"retrieval must be one of {_RETRIEVALS}, got {retrieval!r}")
+    _check_modes(margin_kind, retrieval)
 
     src_ids = _as_ids(src_ids, "src_ids")
     tgt_ids = _as_ids(tgt_ids, "tgt_ids")
@@ -199,74 +199,30 @@ def mine(
 
     fwd_pos = _positions(fwd_neighbour_ids, tgt_ids, "fwd_neighbour_ids", "tgt_ids")
     bwd_pos = _positions(bwd_neighbour_ids, src_ids, "bwd_neighbour_ids", "src_ids")
-
-    fwd_mean = neighbourhood_means(fwd_similarities)
-    bwd_mean = neighbourhood_means(bwd_similarities)
-    fwd_scores = margin(fwd_similarities, (fwd_mean[:, None] + bwd_mean[fwd_pos]) / 2, margin_kind)
-    bwd_scores = margin(bwd_similarities, (bwd_mean[:, None] + fwd_mean[bwd_pos]) / 2, margin_kind)
-
-    # Best candidate per query; np.argmax takes the first maximum, as LASER does.
-    fwd_src, fwd_tgt, fwd_score, fwd_cos = _best(fwd_scores, fwd_pos, fwd_similarities)
-    bwd_tgt, bwd_src, bwd_score, bwd_cos = _best(bwd_scores, bwd_pos, bwd_similarities)
-
-    if retrieval == "fwd":
-        src, tgt, score, cos = fwd_src, fwd_tgt, fwd_score, fwd_cos
-        direction = np.full(n_s, "fwd", dtype=_DIRECTION_DTYPE)
-    elif retrieval == "bwd":
-        src, tgt, score, cos = bwd_src, bwd_tgt, bwd_score, bwd_cos
-        direction = np.full(n_t, "bwd", dtype=_DIRECTION_DTYPE)
-    elif retrieval == "intersect":
-        # bwd_tgt is arange(n_t), so the best source of target position p is bwd_src[p].
-        mutual = bwd_src[fwd_tgt] == fwd_src
-        src, tgt, score, cos = fwd_src[mutual], fwd_tgt[mutual], fwd_score[mutual], fwd_cos[mutual]
-        direction = np.full(len(src), "both", dtype=_DIRECTION_DTYPE)
-    else:  # "max"
-        # Forward block first, then backward: the stable sort below relies on this order to
-        # break score ties exactly like the concatenation in LASER.
-        src = np.concatenate((fwd_src, bwd_src))
-        tgt = np.concatenate((fwd_tgt, bwd_tgt))
-        score = np.concatenate((fwd_score, bwd_score))
-        cos = np.concatenate((fwd_cos, bwd_cos))
-        direction = np.concatenate(
-            (
-                np.full(n_s, "fwd", dtype=_DIRECTION_DTYPE),
-                np.full(n_t, "bwd", dtype=_DIRECTION_DTYPE),
-            )
-        )
-        # Candidates at or below the threshold can only block each other (they rank after
-        # every kept pair), so dropping them first gives the same pairs with less work.
-        order = np.flatnonzero(score > threshold)
-        order = order[np.argsort(-score[order], kind="stable")]
-        kept, _ = _greedy_one_to_one(src[order], tgt[order], n_s, n_t)
-        selected = order[kept]
-        src, tgt, score, cos, direction = (
-            src[selected],
-            tgt[selected],
-            score[selected],
-            cos[selected],
-            direction[selected],
-        )
-
-    # Threshold after selection. In "max" mode this equals LASER's check at print time: the
-    # candidates are taken in descending order, so one below the threshold can only block
-    # candidates that are below it too.
-    above = score > threshold
-    src, tgt, score, cos, direction = (
-        src[above],
-        tgt[above],
-        score[above],
-        cos[above],
-        direction[above],
+    # Positions stand in for the ids (one shard, the position as the line), so the one
+    # implementation, `mine_streamed`, runs here over a single block per direction.
+    mined = mine_streamed(
+        lambda: [("fwd", np.arange(n_s), fwd_pos, fwd_similarities)],
+        lambda: [("bwd", np.arange(n_t), bwd_pos, bwd_similarities)],
+        margin_kind=margin_kind,
+        retrieval=retrieval,
+        threshold=threshold,
+        line_bits=_POSITION_BITS,
     )
-
-    order = np.argsort(-score, kind="stable")
     return MinedPairs(
-        src_ids=src_ids[src[order]],
-        tgt_ids=tgt_ids[tgt[order]],
-        scores=score[order],
-        cosines=cos[order].astype(np.float32),
-        directions=direction[order],
+        src_ids=src_ids[mined.src_ids],
+        tgt_ids=tgt_ids[mined.tgt_ids],
+        scores=mined.scores,
+        cosines=mined.cosines,
+        directions=mined.directions,
     )
+
+
+def _check_modes(margin_kind: str, retrieval: str) -> None:
+    if margin_kind not in _MARGINS:
+        raise ValueError(f"margin_kind must be one of {_MARGINS}, got {margin_kind!r}")
+    if retrieval not in _RETRIEVALS:
+        raise ValueError(f"retrieval must be one of {_RETRIEVALS}, got {retrieval!r}")
 
 
 def _as_ids(ids: np.ndarray, name: str) -> np.ndarray:
@@ -335,19 +291,6 @@ def _positions(
             f"e.g. {int(missing[0])}"
         )
     return order[slot]
-
-
-def _best(
-    scores: np.ndarray, neighbour_pos: np.ndarray, similarities: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Each query's best-scoring candidate.
-
-    Returns:
-        ``(query_pos, neighbour_pos, score, cosine)`` arrays of length ``n`` (one per query).
-    """
-    rows = np.arange(scores.shape[0])
-    column = np.argmax(scores, axis=1)
-    return rows, neighbour_pos[rows, column], scores[rows, column], similarities[rows, column]
 
 
 def _greedy_one_to_one(
@@ -490,15 +433,17 @@ def _check_block(block: Block, direction: str) -> Block:
 
 def _stream_best(
     blocks: Iterable[Block],
-    direction: str,
     own: SentenceTable,
     other: SentenceTable,
     other_name: str,
     margin_kind: Margin,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Each block's best candidates: (query ids, neighbour ids, scores, cosines)."""
-    for block in blocks:
-        where, ids, neighbour_ids, similarities = _check_block(block, direction)
+    """Each block's best candidates: (query ids, neighbour ids, scores, cosines).
+
+    The blocks were checked on the first pass (`_check_block`); the lookups here still
+    reject a neighbour id that is not on the other side.
+    """
+    for where, ids, neighbour_ids, similarities in blocks:
         if not len(ids):
             continue
         means = own.get(ids, where, "the queries read in the first pass")
@@ -534,10 +479,7 @@ def mine_streamed(
     the pipeline's (non-negative, the line in the low `line_bits` bits); the blocks of a
     direction must come in the same order on both passes, as ties go to the earlier one.
     """
-    if margin_kind not in _MARGINS:
-        raise ValueError(f"margin_kind must be one of {_MARGINS}, got {margin_kind!r}")
-    if retrieval not in _RETRIEVALS:
-        raise ValueError(f"retrieval must be one of {_RETRIEVALS}, got {retrieval!r}")
+    _check_modes(margin_kind, retrieval)
     src_means = SentenceTable(line_bits, np.float64, np.nan)
     tgt_means = SentenceTable(line_bits, np.float64, np.nan)
     for blocks, table, direction in ((fwd, src_means, "fwd"), (bwd, tgt_means, "bwd")):
@@ -548,36 +490,33 @@ def mine_streamed(
     if src_means.size == 0 or tgt_means.size == 0:
         return MinedPairs.empty()
 
-    def best(direction: str) -> list[tuple[np.ndarray, ...]]:
-        if direction == "fwd":
-            stream = _stream_best(fwd(), "fwd", src_means, tgt_means, "targets", margin_kind)
-        else:
-            stream = _stream_best(bwd(), "bwd", tgt_means, src_means, "sources", margin_kind)
-        if retrieval == "intersect" and direction == "bwd":
-            return list(stream)
-        return [tuple(x[s > threshold] for x in (q, n, s, c)) for q, n, s, c in stream]
+    def bests(side: str) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """The best candidate of each query of one side, block by block: (src, tgt,
+        score, cosine)."""
+        if side == "fwd":
+            yield from _stream_best(fwd(), src_means, tgt_means, "targets", margin_kind)
+            return
+        for tgt, src, score, cos in _stream_best(
+            bwd(), tgt_means, src_means, "sources", margin_kind
+        ):
+            yield src, tgt, score, cos
 
     # The forward block first, then the backward one: `max` breaks score ties in this
     # order, as `mine` does. (`intersect` reads the backward bests below.)
-    wanted = {"fwd": ["fwd"], "bwd": ["bwd"], "max": ["fwd", "bwd"], "intersect": ["fwd"]}
-    columns: dict[str, list[np.ndarray]] = {"src": [], "tgt": [], "score": [], "cos": []}
-    labels = []
-    for side in wanted[retrieval]:
-        parts = best(side)
-        names = ("src", "tgt") if side == "fwd" else ("tgt", "src")
-        for column, (name, dtype) in enumerate(
-            ((names[0], np.int64), (names[1], np.int64), ("score", np.float64), ("cos", np.float32))
-        ):
-            columns[name].append(
-                np.concatenate([p[column] for p in parts]) if parts else np.empty(0, dtype)
-            )
-        labels.append(np.full(len(columns["src"][-1]), side, dtype=_DIRECTION_DTYPE))
-    src, tgt, score, cos = (np.concatenate(columns[c]) for c in ("src", "tgt", "score", "cos"))
+    sides = {"fwd": ["fwd"], "bwd": ["bwd"], "max": ["fwd", "bwd"], "intersect": ["fwd"]}
+    kept = [(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0), np.empty(0, np.float32))]
+    labels = [np.empty(0, dtype=_DIRECTION_DTYPE)]
+    for side in sides[retrieval]:
+        for part in bests(side):
+            above = part[2] > threshold
+            kept.append(tuple(x[above] for x in part))
+            labels.append(np.full(int(above.sum()), side, dtype=_DIRECTION_DTYPE))
+    src, tgt, score, cos = (np.concatenate(column) for column in zip(*kept, strict=True))
     direction = np.concatenate(labels)
 
     if retrieval == "intersect":
         best_source = SentenceTable(line_bits, np.int64, -1)
-        for targets, sources, _, _ in best("bwd"):
+        for sources, targets, _, _ in bests("bwd"):
             best_source.put(targets, sources, "backward neighbours")
         mutual = best_source.get(tgt, "forward neighbours", "targets") == src
         src, tgt, score, cos = src[mutual], tgt[mutual], score[mutual], cos[mutual]

@@ -104,7 +104,7 @@ def new_index(factory: str, dim: int) -> faiss.Index:
         # float16 codes of the vectors themselves are exact for our
         # (float16) inputs; of residuals they would not be.
         ivf.by_residual = False
-    for part in (ivf, _innermost(index)):
+    for part in (ivf, split_transforms(index)[1]):
         if hasattr(part, "do_polysemous_training"):
             # Polysemous training reorders PQ codes for Hamming-distance
             # filtering, which search never uses; it is slow to train.
@@ -112,11 +112,16 @@ def new_index(factory: str, dim: int) -> faiss.Index:
     return index
 
 
-def _innermost(index: faiss.Index) -> faiss.Index:
+def split_transforms(index: faiss.Index) -> tuple[list[faiss.VectorTransform], faiss.Index]:
+    """(the vector transforms in front of an index, in order; the index they feed)."""
     index = faiss.downcast_index(index)
+    chain: list[faiss.VectorTransform] = []
     while isinstance(index, faiss.IndexPreTransform):
+        chain += [
+            faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size())
+        ]
         index = faiss.downcast_index(index.index)
-    return index
+    return chain, index
 
 
 def ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:

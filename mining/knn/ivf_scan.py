@@ -18,7 +18,6 @@ and ties.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,28 +25,18 @@ import faiss
 import numpy as np
 import torch
 
+from mining.knn import CPU_THREADS
+from mining.knn.faiss_index import split_transforms
 from mining.knn.torch_knn import to_device
 
 # Score matrix elements per product; larger lists are scored in row chunks.
 MAX_SCORES = 1 << 24
 # Lists up to this long pass all their scores to the heap; longer ones a top-k.
 HEAP_DIRECT = 512
-THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _parts(index: faiss.Index) -> tuple[list[faiss.VectorTransform], faiss.Index]:
-    index = faiss.downcast_index(index)
-    chain: list[faiss.VectorTransform] = []
-    while isinstance(index, faiss.IndexPreTransform):
-        chain += [
-            faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size())
-        ]
-        index = faiss.downcast_index(index.index)
-    return chain, index
 
 
 def supports(index: faiss.Index) -> bool:
-    _, inner = _parts(index)
+    _, inner = split_transforms(index)
     return isinstance(
         inner, (faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer, faiss.IndexIVFPQ)
     ) and not isinstance(inner, faiss.IndexIVFPQR)
@@ -57,7 +46,7 @@ class ListMajorSearcher:
     def __init__(self, index: faiss.Index, dtype: torch.dtype) -> None:
         if not supports(index):
             raise ValueError(f"list-major search does not support {type(index).__name__}")
-        self.chain, self.ivf = _parts(index)
+        self.chain, self.ivf = split_transforms(index)
         if self.ivf.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError("list-major search is written for inner-product indexes")
         self.dtype = dtype
@@ -116,7 +105,7 @@ class ListMajorSearcher:
             for vt in self.chain:
                 x = vt.apply(x)
         nprobe = min(nprobe, self.ivf.nlist)
-        parts = [p for p in np.array_split(np.arange(len(x)), THREADS) if len(p)]
+        parts = [p for p in np.array_split(np.arange(len(x)), CPU_THREADS) if len(p)]
         if not parts:
             return self._search_part(x, k, nprobe)
         # Each product is small: torch's intra-op pool would spread it over the

@@ -21,6 +21,7 @@ import faiss
 import numpy as np
 import torch
 
+from mining.knn.faiss_index import split_transforms
 from mining.knn.torch_knn import to_device
 
 log = logging.getLogger(__name__)
@@ -77,13 +78,7 @@ def spherical_kmeans(
 
 def _flat_ivf(index: faiss.Index) -> tuple[list[faiss.VectorTransform], faiss.IndexIVF] | None:
     """(transforms in front, the IVF) when the IVF's quantizer is flat; else None."""
-    chain: list[faiss.VectorTransform] = []
-    inner = faiss.downcast_index(index)
-    while isinstance(inner, faiss.IndexPreTransform):
-        chain += [
-            faiss.downcast_VectorTransform(inner.chain.at(i)) for i in range(inner.chain.size())
-        ]
-        inner = faiss.downcast_index(inner.index)
+    chain, inner = split_transforms(index)
     if not isinstance(inner, faiss.IndexIVF):
         return None
     if not isinstance(faiss.downcast_index(inner.quantizer), faiss.IndexFlat):

@@ -7,7 +7,6 @@ most READ_ROWS rows at a time, so memory never depends on the shard size.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,12 +21,12 @@ from mining.contracts import (
     embeddings_schema,
     vectors_to_numpy,
 )
+from mining.knn import CPU_THREADS
 from mining.knn.exact import pair_similarities, widen
 from mining.knn.topk import EMPTY_ID, EMPTY_SCORE
 
 # Rows decoded at a time.
 READ_ROWS = 8192
-THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _open(path: Path) -> tuple[pq.ParquetFile, int, np.ndarray]:
@@ -134,7 +133,7 @@ class EmbeddingStore:
             raise ValueError(f"{len(queries)} query vectors for {m} candidate rows")
         # A query meets each of its candidates: widen its float16 vector once,
         # not once per candidate.
-        self._float16 = queries.dtype == np.float16
+        float16 = queries.dtype == np.float16
         queries = widen(queries)
         sims = np.full(m * c, EMPTY_SCORE, dtype=np.float32)
         flat = candidate_ids.reshape(-1)
@@ -149,13 +148,14 @@ class EmbeddingStore:
         bounds = np.flatnonzero(np.diff(shards)) + 1
         for part in np.split(np.arange(len(slots)), bounds):
             shard = int(shards[part[0]])
-            self._rescore_shard(shard, queries, c, slots[part], ids[part], sims)
+            self._rescore_shard(shard, queries, float16, c, slots[part], ids[part], sims)
         return sims.reshape(m, c)
 
     def _rescore_shard(
         self,
         shard: int,
         queries: np.ndarray,
+        float16: bool,
         c: int,
         slots: np.ndarray,
         ids: np.ndarray,
@@ -193,11 +193,11 @@ class EmbeddingStore:
                         vectors,
                         take // c,
                         rows[lo:hi] - offset,
-                        float16_values=self._float16,
+                        float16_values=float16,
                     )
                 offset += batch.num_rows
 
         # Row groups in parallel: decoding and the kernel are numpy and pyarrow
         # work that releases the GIL, and each group writes its own slots.
-        with ThreadPoolExecutor(max(1, min(THREADS, len(groups)))) as pool:
+        with ThreadPoolExecutor(max(1, min(CPU_THREADS, len(groups)))) as pool:
             list(pool.map(rescore_group, [int(g) for g in groups]))

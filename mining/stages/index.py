@@ -56,6 +56,7 @@ from mining.knn.faiss_index import (
     new_index,
     resolve_factory,
     save_index,
+    split_transforms,
 )
 from mining.knn.kmeans import Populator, train_quantizer
 from mining.knn.stored import iter_rows, num_rows
@@ -341,12 +342,11 @@ def _train(
         wanted = max(MIN_TRAIN, TRAIN_PER_LIST * lists)
         return min(total, wanted, max(1, TRAIN_BYTES // (4 * d)))
 
-    if isinstance(faiss.downcast_index(index), faiss.IndexPreTransform):
+    chain, inner = split_transforms(index)
+    if chain:
         # Train in two steps so that memory stays bounded for 4096-dim vectors:
         # the transform (OPQ, PCA) on a full-dim sample, then the IVF and codes
         # on a larger sample streamed through it at the reduced dim.
-        pre = faiss.downcast_index(index)
-        chain = [faiss.downcast_VectorTransform(pre.chain.at(i)) for i in range(pre.chain.size())]
         first = np.concatenate(list(_iter_sample(paths, counts, size_for(dim), seed)))
         log.info("index %s: training %s transform on %d vectors", lang, factory, len(first))
         x = first
@@ -354,7 +354,6 @@ def _train(
             vt.train(x)
             x = vt.apply(x)
         del first, x
-        inner = faiss.downcast_index(pre.index)
         d_out = inner.d
         reduced = []
         for block in _iter_sample(paths, counts, size_for(d_out), seed + 1):
@@ -365,7 +364,8 @@ def _train(
         log.info("index %s: training %s on %d reduced vectors", lang, factory, len(second))
         train_quantizer(inner, second, seed)
         inner.train(second)
-        pre.is_trained = True
+        # The wrapper's own flag: its parts are trained, and it checks only itself.
+        faiss.downcast_index(index).is_trained = True
         return len(second)
     sample = np.concatenate(list(_iter_sample(paths, counts, size_for(dim), seed)))
     log.info("index %s: training %s on %d vectors", lang, factory, len(sample))

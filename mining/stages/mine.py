@@ -70,20 +70,13 @@ def plan(job: Job, work: WorkDir, upstream: dict[str, list[Task]]) -> list[Task]
     return tasks
 
 
-def _blocks(work: WorkDir, pair: str, direction: str, shards: list[str], ks: set[int]):
-    """A pass over one direction's neighbour files, block by block; the k seen go in ks."""
+def _blocks(work: WorkDir, pair: str, direction: str, shards: list[str]):
+    """A pass over one direction's neighbour files, block by block."""
 
     def blocks() -> Iterator[Block]:
         for shard in shards:
             path = work.neighbours(pair, direction, shard)
             for ids, neighbour_ids, similarities in iter_neighbour_blocks(path, BLOCK_ROWS):
-                if len(ids):
-                    ks.add(neighbour_ids.shape[1])
-                if len(ks) > 1:
-                    raise ValueError(
-                        f"{path}: neighbours/{pair}/{direction} disagree on k ({sorted(ks)}); "
-                        "rerun the search stage"
-                    )
                 yield str(path), ids, neighbour_ids, similarities
 
     return blocks
@@ -93,33 +86,26 @@ def _texts(work: WorkDir, lang: str, shards: list[str], wanted: np.ndarray) -> p
     """The text of each wanted id, in the order given; shards read a batch at a time and
     only the wanted rows kept, as Arrow strings (no Python object per sentence)."""
     value_set = pa.array(np.unique(wanted))
-    found_ids, found_texts = [], []
+    found_ids, found_texts = [pa.array([], pa.int64())], [pa.array([], pa.string())]
     for shard in shards:
         path = work.sentences(lang, shard)
         for batch in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=["id", "text"]):
             keep = batch.filter(pc.is_in(batch.column(0), value_set=value_set))
-            found_ids.append(keep.column(0).to_numpy())
+            found_ids.append(keep.column(0))
             found_texts.append(keep.column(1))
-    ids = np.concatenate(found_ids) if found_ids else np.empty(0, dtype=np.int64)
-    texts = pa.concat_arrays(found_texts) if found_texts else pa.array([], pa.string())
-    order = np.argsort(ids, kind="stable")
-    slot = np.minimum(np.searchsorted(ids[order], wanted), max(len(ids) - 1, 0))
-    if len(wanted) and (not len(ids) or (ids[order][slot] != wanted).any()):
-        raise ValueError(f"sentences/{lang}: mined sentence ids missing; rerun prepare")
-    return texts.take(pa.array(order[slot])) if len(wanted) else texts
+    rows = pc.index_in(pa.array(wanted), value_set=pa.concat_arrays(found_ids))
+    if rows.null_count:
+        raise ValueError(f"sentences/{lang}: {rows.null_count} mined sentence ids missing")
+    return pa.concat_arrays(found_texts).take(rows)
 
 
 def run(job: Job, work: WorkDir, task: Task) -> dict[str, Any]:
     p = task.params
     pair = p["pair"]
     cfg = job.mine
-    # k may differ between directions (it is capped at the size of the other side).
-    fwd_ks: set[int] = set()
-    fwd = _blocks(work, pair, "fwd", p["fwd"], fwd_ks)
-    bwd = _blocks(work, pair, "bwd", p["bwd"], set())
     mined = mine_streamed(
-        fwd,
-        bwd,
+        _blocks(work, pair, "fwd", p["fwd"]),
+        _blocks(work, pair, "bwd", p["bwd"]),
         margin_kind=cfg.margin,
         retrieval=cfg.retrieval,
         threshold=cfg.threshold,
@@ -143,14 +129,16 @@ def run(job: Job, work: WorkDir, task: Task) -> dict[str, Any]:
         pq.write_table(table, tmp)
     if cfg.write_tsv:
         write_tsv(work, pair, table)
-    sources = sum(num_rows(work.neighbours(pair, "fwd", shard)) for shard in p["fwd"])
+    fwd_files = [work.neighbours(pair, "fwd", shard) for shard in p["fwd"]]
+    sources = sum(num_rows(path) for path in fwd_files)
     targets = sum(num_rows(work.neighbours(pair, "bwd", shard)) for shard in p["bwd"])
     return {
         "rows_in": sources + targets,
         "rows_out": int(table.num_rows),
         "sources": sources,
         "targets": targets,
-        "k": max(fwd_ks, default=0),
+        # k of the forward lists (capped at the number of targets).
+        "k": pq.read_schema(fwd_files[0]).field("neighbour_ids").type.list_size if fwd_files else 0,
         "threshold": cfg.threshold,
         "margin": cfg.margin,
         "retrieval": cfg.retrieval,
