@@ -88,6 +88,14 @@ def write_toy_corpus(
     return ToyCorpus(root=root, spec=spec, gold=gold)
 
 
+@pytest.fixture(scope="session")
+def tiny_mst5(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(base, adapter) folders of a tiny m-ST5 look-alike, built once; tests only read them."""
+    from tests.tiny_models import build_tiny_mst5
+
+    return build_tiny_mst5(tmp_path_factory.mktemp("tiny_mst5"))
+
+
 @pytest.fixture
 def one_faiss_thread() -> Iterator[None]:
     """FAISS on one thread, for tests whose indexes hold a few hundred vectors.

@@ -31,8 +31,6 @@ def toml_value(value: Any) -> str:
         return "{ " + items + " }"
     if isinstance(value, Path):
         value = str(value)
-    if isinstance(value, float) and value != value:  # NaN: TOML spells it nan
-        return "nan"
     return json.dumps(value)
 
 

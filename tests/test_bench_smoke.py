@@ -2,7 +2,8 @@
 
 Not timed tests: the figures they print on CPU here say nothing about the targets. The
 point is that bench/embed_gpu.sh (made for an H200) cannot rot unnoticed while no GPU
-is at hand, and that every branch of it but CUDA's own runs.
+is at hand (its CUDA code and its --compile variant do not run here), and that the
+knn benchmarks, with the reference miner inside one of them, keep working.
 """
 
 from __future__ import annotations
@@ -29,15 +30,20 @@ def _run(*command: str) -> str:
     return done.stdout
 
 
-def _figures(line: str) -> dict[str, str]:
-    return dict(re.findall(r"(\S+?)=(\S+)", line))
+def _figures(out: str, prefix: str) -> dict[str, str]:
+    """The KEY=VALUE figures of the one output line that starts with prefix."""
+    lines = [line for line in out.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, out
+    return dict(re.findall(r"(\S+?)=(\S+)", lines[0]))
+
+
+def _bench(script: str, work: Path, *args: str) -> str:
+    """A knn benchmark at reduced sizes: one timed run, its job under work."""
+    return _run(sys.executable, script, *args, "--repeat", "1", "--work", str(work))
 
 
 def test_embed_gpu_smoke() -> None:
-    out = _run("bash", "bench/embed_gpu.sh", "--smoke", "--fp8")
-    lines = [line for line in out.splitlines() if line.startswith("embed_gpu ")]
-    assert len(lines) == 1, out
-    figures = _figures(lines[0])
+    figures = _figures(_run("bash", "bench/embed_gpu.sh", "--smoke", "--fp8"), "embed_gpu ")
     for key in ("tokens/s", "MFU", "padding", "peak_mem", "card_tokens/s", "speedup"):
         assert key in figures, key
     assert float(figures["padding"]) < 0.05
@@ -46,10 +52,7 @@ def test_embed_gpu_smoke() -> None:
 
 
 def test_embed_cpu_smoke() -> None:
-    out = _run(sys.executable, "bench/embed_cpu.py", "--smoke")
-    lines = [line for line in out.splitlines() if line.startswith("embed_cpu ")]
-    assert len(lines) == 1, out
-    figures = _figures(lines[0])
+    figures = _figures(_run(sys.executable, "bench/embed_cpu.py", "--smoke"), "embed_cpu ")
     assert float(figures["min_cos"]) >= 0.9999
     assert "speedup" in figures
 
@@ -61,16 +64,7 @@ def test_read_embeddings_smoke() -> None:
 
 
 def test_knn_scale_smoke(tmp_path: Path) -> None:
-    out = _run(
-        sys.executable,
-        "bench/knn_scale.py",
-        "--sizes",
-        "2e3,4e3",
-        "--repeat",
-        "1",
-        "--work",
-        str(tmp_path),
-    )
+    out = _bench("bench/knn_scale.py", tmp_path, "--sizes", "2e3,4e3")
     sizes = [line for line in out.splitlines() if line.startswith("knn_scale N=")]
     assert len(sizes) == 2, out
     for line in sizes:
@@ -86,18 +80,7 @@ def test_mine_vs_reference_smoke(tmp_path: Path) -> None:
     # The reference is LASER's procedure written out plainly. With an exact index the
     # pairs must match it exactly (an approximate one may miss neighbours, and a missed
     # neighbour lowers a neighbourhood mean: at 3,000 per side IVF64 gave 8 extra pairs).
-    out = _run(
-        sys.executable,
-        "bench/mine_vs_reference.py",
-        "--n",
-        "3e3",
-        "--repeat",
-        "1",
-        "--work",
-        str(tmp_path),
-        "--set",
-        "index.type=Flat",
-    )
+    out = _bench("bench/mine_vs_reference.py", tmp_path, "--n", "3e3", "--set", "index.type=Flat")
     line = out.splitlines()[-1]
     assert line.startswith("mine_vs_reference N=3e+03/side: pairs identical"), out
     assert "faster" in line and "peak RSS" in line

@@ -20,7 +20,7 @@ from mining.executors import local
 from mining.pipeline import run_job
 from mining.store import WorkDir
 from tests.jobs import write_shards, write_spec
-from tests.tiny_models import build_tiny_mst5, mixed_length_sentences
+from tests.tiny_models import mixed_length_sentences
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*checkpointing.*:FutureWarning")
 
@@ -34,11 +34,16 @@ def _job(root: Path, base: Path, adapter: Path) -> Path:
     return write_spec(root / "job.toml", ["xx-yy"], tables)
 
 
-def test_one_worker_per_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    base, adapter = build_tiny_mst5(tmp_path / "models")
+def test_one_worker_per_gpu(
+    tiny_mst5: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, adapter = tiny_mst5
     spec = _job(tmp_path / "job", base, adapter)
     job = load_job(spec)
-    assert local.gpu_workers(job, "embed") == []  # no GPU here: run as before
+    monkeypatch.setattr(local, "visible_gpus", lambda: [])
+    assert local.gpu_workers(job, "embed") == []  # no GPU: run as before
+    monkeypatch.setattr(local, "visible_gpus", lambda: ["0"])
+    assert local.gpu_workers(job, "embed") == []  # one GPU: in process, as before
 
     monkeypatch.setattr(local, "visible_gpus", lambda: ["3", "5"])
     assert local.gpu_workers(job, "embed") == ["3", "5"]

@@ -17,19 +17,14 @@ from mining.encoders.hf import HFEncoder, card_recipe_embeddings
 from mining.pipeline import pending, run_job
 from mining.store import WorkDir
 from tests.jobs import write_shards, write_spec
-from tests.tiny_models import build_tiny_mst5, mixed_length_sentences
+from tests.tiny_models import mixed_length_sentences
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*checkpointing.*:FutureWarning")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return build_tiny_mst5(tmp_path_factory.mktemp("tiny_embed"))
-
-
-@pytest.fixture(scope="module")
-def texts(tiny: tuple[Path, Path]) -> dict[str, list[str]]:
-    base, _ = tiny
+def texts(tiny_mst5: tuple[Path, Path]) -> dict[str, list[str]]:
+    base, _ = tiny_mst5
     # 5 to 60 tokens; the first language gets a few long ones for truncation.
     xx = mixed_length_sentences(base / "spiece.model", 150, low=5, high=60, seed=1)
     long = mixed_length_sentences(base / "spiece.model", 6, low=90, high=120, seed=2)
@@ -37,8 +32,10 @@ def texts(tiny: tuple[Path, Path]) -> dict[str, list[str]]:
     return {"xx": xx[:70] + long + xx[70:], "yy": yy}
 
 
-def write_job(root: Path, tiny: tuple[Path, Path], texts: dict[str, list[str]], **encoder) -> Path:
-    base, adapter = tiny
+def write_job(
+    root: Path, tiny_mst5: tuple[Path, Path], texts: dict[str, list[str]], **encoder
+) -> Path:
+    base, adapter = tiny_mst5
     for lang, lines in texts.items():
         write_shards(root / "corpus" / lang, [lines])
     settings = {"kind": "hf", "model": base, "adapter": adapter, "dtype": "float32", **encoder}
@@ -63,9 +60,11 @@ def embed(spec: Path, *overrides: str) -> tuple[np.ndarray, dict]:
 
 @pytest.fixture(scope="module")
 def fp32_run(
-    tiny: tuple[Path, Path], texts: dict[str, list[str]], tmp_path_factory: pytest.TempPathFactory
+    tiny_mst5: tuple[Path, Path],
+    texts: dict[str, list[str]],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[Path, np.ndarray, dict]:
-    spec = write_job(tmp_path_factory.mktemp("fp32"), tiny, texts)
+    spec = write_job(tmp_path_factory.mktemp("fp32"), tiny_mst5, texts)
     vectors, stats = embed(spec)
     return spec, vectors, stats
 
@@ -76,9 +75,11 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def test_stage_vectors_match_card_recipe(
-    tiny: tuple[Path, Path], texts: dict[str, list[str]], fp32_run: tuple[Path, np.ndarray, dict]
+    tiny_mst5: tuple[Path, Path],
+    texts: dict[str, list[str]],
+    fp32_run: tuple[Path, np.ndarray, dict],
 ) -> None:
-    base, adapter = tiny
+    base, adapter = tiny_mst5
     _, vectors, _ = fp32_run
     reference = card_recipe_embeddings(str(base), str(adapter), texts["xx"], batch_size=8)
     cos = np.sum(_unit(vectors) * _unit(reference), axis=1)
@@ -86,13 +87,13 @@ def test_stage_vectors_match_card_recipe(
 
 
 def test_bfloat16_stage_close_to_fp32(
-    tiny: tuple[Path, Path],
+    tiny_mst5: tuple[Path, Path],
     texts: dict[str, list[str]],
     fp32_run: tuple[Path, np.ndarray, dict],
     tmp_path: Path,
 ) -> None:
     _, fp32, _ = fp32_run
-    half, _ = embed(write_job(tmp_path, tiny, texts, dtype="bfloat16"))
+    half, _ = embed(write_job(tmp_path, tiny_mst5, texts, dtype="bfloat16"))
     assert np.sum(_unit(half) * _unit(fp32), axis=1).min() >= 0.999
 
 
@@ -137,14 +138,14 @@ def test_fingerprint_keeps_results_and_drops_speed(fp32_run: tuple[Path, np.ndar
 
 
 def test_crash_mid_shard_resumes_to_identical_bytes(
-    tiny: tuple[Path, Path],
+    tiny_mst5: tuple[Path, Path],
     texts: dict[str, list[str]],
     fp32_run: tuple[Path, np.ndarray, dict],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clean_spec, _, _ = fp32_run
-    spec = write_job(tmp_path, tiny, texts)
+    spec = write_job(tmp_path, tiny_mst5, texts)
     real = HFEncoder.encode_prepared
     calls = {"n": 0}
 

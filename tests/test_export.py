@@ -17,7 +17,6 @@ import torch
 from mining.cli import main
 from mining.encoders.hf import HFEncoder, load_config
 from mining.export import export_model
-from tests.tiny_models import build_tiny_mst5
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*checkpointing.*:FutureWarning"),
@@ -34,13 +33,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return build_tiny_mst5(tmp_path_factory.mktemp("tiny_export"))
-
-
-@pytest.fixture(scope="module")
-def exported(tiny: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base, adapter = tiny
+def exported(tiny_mst5: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base, adapter = tiny_mst5
     out = tmp_path_factory.mktemp("exports") / "mst5-bf16"
     assert main(["model", "export", "--model", str(base), "--adapter", str(adapter), str(out)]) == 0
     return out
@@ -58,8 +52,9 @@ def test_export_folder_holds_only_the_merged_encoder(exported: Path) -> None:
     keys: list[str] = []
     for path in weights:
         with safe_open(str(path), framework="pt") as f:
-            keys += list(f.keys())
-            assert {f.get_tensor(k).dtype for k in keys} == {torch.bfloat16}
+            names = list(f.keys())
+            keys += names
+            assert {f.get_tensor(k).dtype for k in names} == {torch.bfloat16}
     assert not [k for k in keys if "lora" in k or k.startswith("decoder")]
     config = json.loads((exported / "config.json").read_text())
     assert config["architectures"] == ["MT5EncoderModel"]
@@ -67,8 +62,8 @@ def test_export_folder_holds_only_the_merged_encoder(exported: Path) -> None:
     assert manifest["merged"] and manifest["dtype"] == "bfloat16"
 
 
-def test_export_loads_like_base_plus_adapter(tiny: tuple[Path, Path], exported: Path) -> None:
-    base, adapter = tiny
+def test_export_loads_like_base_plus_adapter(tiny_mst5: tuple[Path, Path], exported: Path) -> None:
+    base, adapter = tiny_mst5
     # The export is the merge in fp32 + one cast, exactly what HFEncoder does on load.
     direct = HFEncoder(str(base), adapter=str(adapter), dtype="bfloat16", device="cpu")
     from_export = HFEncoder(str(exported), dtype="bfloat16", device="cpu")
@@ -79,16 +74,16 @@ def test_export_loads_like_base_plus_adapter(tiny: tuple[Path, Path], exported: 
     assert cos.min() >= 0.999
 
 
-def test_float32_export_equals_unexported(tiny: tuple[Path, Path], tmp_path: Path) -> None:
-    base, adapter = tiny
+def test_float32_export_equals_unexported(tiny_mst5: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = tiny_mst5
     out = export_model(str(base), tmp_path / "fp32", adapter=str(adapter), dtype="float32")
     got = HFEncoder(str(out), dtype="float32", device="cpu").encode(TEXTS)
     want = HFEncoder(str(base), adapter=str(adapter), dtype="float32", device="cpu").encode(TEXTS)
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-def test_export_will_not_clobber(tiny: tuple[Path, Path], exported: Path) -> None:
-    base, _ = tiny
+def test_export_will_not_clobber(tiny_mst5: tuple[Path, Path], exported: Path) -> None:
+    base, _ = tiny_mst5
     with pytest.raises(ValueError, match="not empty"):
         export_model(str(base), exported)
     assert main(["model", "export", "--model", str(base), str(exported)]) == 1
@@ -104,8 +99,10 @@ class _RunsCode:
         return (Path.write_text, (self.marker, "code ran"))
 
 
-def test_pickled_code_in_a_checkpoint_never_runs(tiny: tuple[Path, Path], tmp_path: Path) -> None:
-    base, _ = tiny
+def test_pickled_code_in_a_checkpoint_never_runs(
+    tiny_mst5: tuple[Path, Path], tmp_path: Path
+) -> None:
+    base, _ = tiny_mst5
     evil = tmp_path / "evil"
     evil.mkdir()
     for name in ("config.json", "spiece.model", "tokenizer.json", "tokenizer_config.json"):
@@ -134,6 +131,6 @@ def test_remote_code_needs_trust(tmp_path: Path) -> None:
     (repo / "custom.py").write_text(f"open({str(marker)!r}, 'w').write('code ran')\n")
     with pytest.raises(ValueError, match="trust_remote_code"):
         load_config(str(repo))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="trust_remote_code"):
         HFEncoder(str(repo))
     assert not marker.exists()

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from mining.encoders.hf import HFEncoder, SentencePieceT5Tokenizer, card_recipe_embeddings
-from tests.tiny_models import build_tiny_mst5
 
 _HAND_WRITTEN = [
     "I am a dog.",
@@ -33,7 +32,7 @@ _HAND_WRITTEN = [
     "今日は",
     "Größere Modelle übersetzen oft besser, brauchen aber mehr Speicher.",
     "l'heure d'été",
-    # Characters the tiny vocab has never seen: they become <unk>, as in mT5.
+    # Characters the tiny_mst5 vocab has never seen: they become <unk>, as in mT5.
     "Привет, мир! 🙂",
     "  leading, trailing and   repeated   spaces  ",
     "tab\tand\nnewline",
@@ -59,11 +58,6 @@ SENTENCES = _mixed_sentences()
 # transformers 5 renamed the gradient-checkpointing API; the card recipe (and peft) still
 # use the old names on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:.*checkpointing.*:FutureWarning")
-
-
-@pytest.fixture(scope="session")
-def tiny_mst5(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return build_tiny_mst5(tmp_path_factory.mktemp("tiny_mst5"))
 
 
 @pytest.fixture(scope="session")
@@ -290,6 +284,7 @@ def test_fast_tokenizer_is_checked_against_sentencepiece(
 def test_attention_kernels_agree(tiny_mst5: tuple[Path, Path], vectors: np.ndarray) -> None:
     base, adapter = tiny_mst5
     eager = HFEncoder(str(base), adapter=str(adapter), dtype="float32", attention="eager")
+    assert eager.load().model.config._attn_implementation == "eager"
     np.testing.assert_allclose(eager.encode(SENTENCES), vectors, atol=1e-5)
 
 
@@ -307,9 +302,7 @@ def test_fp8_runs_every_block_matmul_in_fp8(tiny_mst5: tuple[Path, Path]) -> Non
     assert _rowwise_cos(fp8.encode(SENTENCES), bf16.encode(SENTENCES)).min() >= 0.98
 
 
-def test_from_model_wraps_a_model_in_memory(
-    tiny_mst5: tuple[Path, Path], encoder: HFEncoder, vectors: np.ndarray
-) -> None:
+def test_from_model_wraps_a_model_in_memory(encoder: HFEncoder, vectors: np.ndarray) -> None:
     wrapped = HFEncoder.from_model(encoder.model, encoder.tokenizer)
     np.testing.assert_allclose(wrapped.encode(SENTENCES), vectors, atol=1e-6)
     ids_only = HFEncoder.from_model(encoder.model, pad_token_id=0)

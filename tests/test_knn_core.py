@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mining.contracts import embeddings_schema, sentence_ids, vectors_to_arrow
+from mining.contracts import embeddings_table, sentence_ids
 from mining.knn.exact import exact_topk, pair_similarities
 from mining.knn.faiss_index import (
     code_bytes,
@@ -89,27 +88,30 @@ def test_sort_rows_breaks_ties_by_id() -> None:
 
 def test_pair_similarities_are_exact_and_independent_of_batching() -> None:
     rng = np.random.default_rng(2)
-    a, b = _unit(rng, 500, 96), _unit(rng, 500, 96)
-    full = pair_similarities(a, b)
-    exact = (a.astype(np.float64) * b.astype(np.float64)).sum(axis=1).astype(np.float32)
-    np.testing.assert_array_equal(full, exact)
-    # Any subset, in any order, gets the same bits: a score depends on its pair only.
-    rows = rng.permutation(500)[:123]
-    np.testing.assert_array_equal(pair_similarities(a, b, rows, rows), full[rows])
-    np.testing.assert_array_equal(pair_similarities(a[rows], b[rows]), full[rows])
+    # Unit float16 vectors; and an odd dimension, in float16 and on the float64 path.
+    cases = [(_unit(rng, 500, 96), _unit(rng, 500, 96))] + [
+        tuple(rng.standard_normal((700, 301)).astype(dtype) for _ in range(2))
+        for dtype in (np.float16, np.float32)
+    ]
+    for a, b in cases:
+        full = pair_similarities(a, b)
+        exact = (a.astype(np.float64) * b.astype(np.float64)).sum(axis=1).astype(np.float32)
+        np.testing.assert_array_equal(full, exact)
+        # Any subset, in any order, gets the same bits: a score depends on its pair only.
+        for rows in (np.arange(1), np.arange(3, 250), rng.permutation(len(a))[:123]):
+            np.testing.assert_array_equal(pair_similarities(a, b, rows, rows), full[rows])
+            np.testing.assert_array_equal(pair_similarities(a[rows], b[rows]), full[rows])
 
 
 def _write_embeddings(path: Path, ids: np.ndarray, vectors: np.ndarray, group: int) -> None:
-    schema = embeddings_schema(vectors.shape[1])
-    table = pa.table({"id": ids, "vector": vectors_to_arrow(vectors)}, schema=schema)
-    pq.write_table(table, path, row_group_size=group)
+    pq.write_table(embeddings_table(ids, vectors), path, row_group_size=group)
 
 
 @pytest.fixture
 def stored(tmp_path: Path) -> tuple[EmbeddingStore, dict[int, np.ndarray], np.ndarray, list[Path]]:
     """Three sentence shards (shard numbers 0, 2, 5), rows with gaps, small row groups."""
     rng = np.random.default_rng(3)
-    paths, by_id, vectors_all = {}, {}, []
+    paths, by_id = {}, {}
     for shard, n in ((0, 40), (2, 1), (5, 77)):
         lines = np.sort(rng.choice(1000, size=n, replace=False))
         ids = sentence_ids(shard, lines)
@@ -118,7 +120,6 @@ def stored(tmp_path: Path) -> tuple[EmbeddingStore, dict[int, np.ndarray], np.nd
         _write_embeddings(path, ids, vectors, group=16)
         paths[shard] = path
         by_id.update(zip(ids.tolist(), vectors, strict=True))
-        vectors_all.append(vectors)
     all_ids = np.array(list(by_id))
     return EmbeddingStore(paths), by_id, all_ids, list(paths.values())
 

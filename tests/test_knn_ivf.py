@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from mining.knn import ivf_scan
-from mining.knn.exact import pair_similarities
 from mining.knn.faiss_index import new_index
 from mining.knn.kmeans import Populator, spherical_kmeans, train_quantizer
 
@@ -100,16 +99,3 @@ def test_populator_adds_like_faiss(vectors: np.ndarray) -> None:
     _, i_fast = fast.search(vectors[:100], 3)
     _, i_plain = plain.search(vectors[:100], 3)
     np.testing.assert_array_equal(i_fast, i_plain)
-
-
-def test_pair_kernel_rows_do_not_depend_on_neighbours() -> None:
-    # An odd dimension, and float32 inputs on the float64 path.
-    rng = np.random.default_rng(12)
-    for dtype in (np.float16, np.float32):
-        a = rng.standard_normal((700, 301)).astype(dtype)
-        b = rng.standard_normal((700, 301)).astype(dtype)
-        full = pair_similarities(a, b)
-        for rows in (np.arange(1), np.arange(3, 250), rng.permutation(700)[:99]):
-            np.testing.assert_array_equal(pair_similarities(a[rows], b[rows]), full[rows])
-        exact = (a.astype(np.float64) * b.astype(np.float64)).sum(axis=1).astype(np.float32)
-        np.testing.assert_array_equal(full, exact)
