@@ -35,25 +35,23 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mining.contracts import (
-    embeddings_schema,
-    read_neighbours,
-    sentence_ids,
-    vectors_to_arrow,
-)
+from mining.contracts import embeddings_table, read_neighbours, sentence_ids
+from mining.encoders.base import l2_normalise
 from mining.knn.stored import iter_blocks
 from mining.knn.topk import RunningTopK
-from tests.jobs import write_spec
+from tests.jobs import write_shards, write_spec
 
 SHARDS = 4
 PAIRED = 0.3
 TOPICS, CLUSTERS, NOISE, PAIR_NOISE = 64, 2048, 1.6, 0.35
 RECALL_QUERIES = 10_000
 K = 4
+# The margin threshold of the benchmark jobs (not the job default, 1.01): on this
+# corpus it keeps the true pairs and almost nothing else.
+THRESHOLD = 1.2
 
 
 def _centers(dim: int) -> np.ndarray:
@@ -65,11 +63,7 @@ def _centers(dim: int) -> np.ndarray:
     return (centers / np.linalg.norm(centers, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _unit16(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
-
-
-def make_corpus(root: Path, n: int, dim: int, seed: int = 0, threshold: float = 1.2) -> Path:
+def make_corpus(root: Path, n: int, dim: int, seed: int = 0) -> Path:
     """Text shards, precomputed vectors and a job spec for n sentences per side."""
     centers = _centers(dim)
     per = -(-n // SHARDS)
@@ -89,16 +83,11 @@ def make_corpus(root: Path, n: int, dim: int, seed: int = 0, threshold: float = 
         gold.append(ids[paired])
         for lang, vectors in (("src", src), ("tgt", tgt)):
             name = f"part-{shard:02d}"
-            text = root / "corpus" / lang / f"{name}.txt"
-            text.parent.mkdir(parents=True, exist_ok=True)
-            offset = shard * per
-            text.write_text("".join(f"{lang} {offset + i}\n" for i in range(rows)))
+            lines_text = [f"{lang} {shard * per + i}" for i in range(rows)]
+            write_shards(root / "corpus" / lang, [lines_text], name=f"{name}.txt")
             out = root / "vectors" / lang / f"{name}.parquet"
             out.parent.mkdir(parents=True, exist_ok=True)
-            table = pa.table(
-                {"id": ids, "vector": vectors_to_arrow(_unit16(vectors))},
-                schema=embeddings_schema(dim),
-            )
+            table = embeddings_table(ids, l2_normalise(vectors))
             pq.write_table(table, out, row_group_size=65536)
     # Paired rows share their id on both sides (same shard, same line).
     np.save(root / "gold.npy", np.concatenate(gold))
@@ -107,13 +96,13 @@ def make_corpus(root: Path, n: int, dim: int, seed: int = 0, threshold: float = 
         "encoder": {"kind": "precomputed", "path": "vectors/{lang}/{shard}.parquet"},
         "index": {"type": "auto", "exact_limit": 0},
         "search": {"k": K},
-        "mine": {"margin": "ratio", "retrieval": "max", "threshold": threshold},
+        "mine": {"margin": "ratio", "retrieval": "max", "threshold": THRESHOLD},
     }
     return write_spec(root / "job.toml", ["src-tgt"], tables)
 
 
 def run_measured(args: list[str]) -> tuple[float, float]:
-    """Run a child process -> (wall seconds, peak RSS in GB)."""
+    """Run a child process -> (wall seconds, peak RSS in GB of 10^9 bytes)."""
     start = time.perf_counter()
     # The job's own report (top pairs) would interleave with the figures.
     child = subprocess.Popen(args, stdout=subprocess.DEVNULL)
@@ -121,7 +110,7 @@ def run_measured(args: list[str]) -> tuple[float, float]:
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(args)} failed with status {status}")
-    return seconds, usage.ru_maxrss / 2**20  # KiB -> GiB
+    return seconds, usage.ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB
 
 
 def stage_seconds(work: Path, stage: str) -> float:
@@ -151,13 +140,13 @@ def recall_at_k(work: Path, k: int = K, sample: int = RECALL_QUERIES, seed: int 
         picked.append(block[take])
         offset += len(block)
     queries = np.concatenate(picked).astype(np.float32)
-    exact = RunningTopK(len(rows), 2 * k)
+    exact = RunningTopK(len(rows), k)
     targets = sorted((work / "embeddings/tgt").glob("*.parquet"))
     for block_ids, block in iter_blocks(targets, 65536):
         sims, pos = faiss.knn(
             queries,
             block.astype(np.float32),
-            min(2 * k, len(block)),
+            min(k, len(block)),
             metric=faiss.METRIC_INNER_PRODUCT,
         )
         exact.add(0, sims, block_ids[pos])
@@ -181,18 +170,47 @@ def pair_quality(root: Path, work: Path) -> tuple[int, float, float]:
 
 
 def clear_outputs(work: Path) -> None:
-    """Forget index, search and mine (outputs and markers), so they run again in full."""
+    """Forget index, search and mine (outputs and markers), so they run again in full.
+
+    Not `mining run --force`: a forced index task finds its layout (and trained index)
+    still matching and would not train again."""
     for name in ("index", "neighbours", "pairs", "_state/index", "_state/search", "_state/mine"):
         shutil.rmtree(work / name, ignore_errors=True)
 
 
-def bench_size(root: Path, n: int, dim: int, repeat: int, overrides: list[str]) -> dict:
+def add_common_args(parser: argparse.ArgumentParser, work: str) -> None:
+    """The options knn_scale and mine_vs_reference share."""
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--work", type=Path, default=Path(work))
+    parser.add_argument("--repeat", type=int, default=2, help="timed runs (best kept)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="job spec KEY=VALUE"
+    )
+
+
+def header(name: str, dim: int, overrides: list[str]) -> str:
+    return (
+        f"# {name} {time.strftime('%Y-%m-%d')} on {platform.node()}: {os.cpu_count()} CPUs, "
+        f"faiss {faiss.__version__}, d={dim}, settings: job defaults, index.exact_limit = 0, "
+        f"mine.threshold = {THRESHOLD}{''.join(', ' + o for o in overrides)}"
+    )
+
+
+def prepared_job(root: Path, n: int, dim: int, overrides: list[str]) -> tuple[list[str], Path]:
+    """A fresh corpus of n per side, prepared and embedded (untimed) ->
+    (the `mining run` command with the overrides, the work dir)."""
+    if root.exists():
+        shutil.rmtree(root)
     spec = make_corpus(root, n, dim)
     mining = [sys.executable, "-m", "mining", "run", str(spec), *(f"--set={o}" for o in overrides)]
     subprocess.run(
         [*mining, "--stage", "prepare", "--stage", "embed"], check=True, capture_output=True
     )
-    work = root / "work"
+    return mining, root / "work"
+
+
+def bench_size(root: Path, n: int, dim: int, repeat: int, overrides: list[str]) -> dict:
+    mining, work = prepared_job(root, n, dim, overrides)
     runs = []
     for _ in range(repeat):
         clear_outputs(work)
@@ -229,25 +247,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", default="1e4,1e5,1e6")
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/knn_scale"))
-    parser.add_argument("--repeat", type=int, default=2, help="timed runs per size (best kept)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], help="job spec KEY=VALUE"
-    )
+    add_common_args(parser, "/tmp/knn_scale")
     args = parser.parse_args()
     sizes = [int(float(s)) for s in args.sizes.split(",")]
-    print(
-        f"# knn_scale {time.strftime('%Y-%m-%d')} on {platform.node()}: {os.cpu_count()} CPUs, "
-        f"faiss {faiss.__version__}, d={args.dim}, settings {args.overrides or 'job defaults'}",
-        flush=True,
-    )
+    print(header("knn_scale", args.dim, args.overrides), flush=True)
     results = []
     for n in sizes:
-        root = args.work / f"n{n}"
-        if root.exists():
-            shutil.rmtree(root)
-        r = bench_size(root, n, args.dim, args.repeat, args.overrides)
+        r = bench_size(args.work / f"n{n}", n, args.dim, args.repeat, args.overrides)
         results.append(r)
         print(
             f"knn_scale N={n:.0e}/side {r['factory']} nprobe={r['nprobe']}: "

@@ -8,7 +8,8 @@ RSS read from wait4:
 
 - this project: `mining run --stage index --stage search --stage mine`, with
   the job's settings (`auto` index with exact_limit = 0, so the approximate
-  ladder, and exact re-scoring; change them with --set);
+  ladder, and exact re-scoring; index.* and search.* settings other than k can
+  change with --set, the rest is written into the reference and refused);
 - the reference, written below as LASER's mine_bitexts.py does it: both
   sides' embeddings read whole into memory, faiss IndexFlatIP searched in both
   directions, the margin of every candidate scored in a Python loop, and max
@@ -22,22 +23,22 @@ and peak memory. Target at 10^5 per side: identical pairs, >= 3x faster.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from knn_scale import K, clear_outputs, make_corpus, run_measured
-
-THRESHOLD = 1.2
-
+from knn_scale import (
+    THRESHOLD,
+    K,
+    add_common_args,
+    clear_outputs,
+    header,
+    prepared_job,
+    run_measured,
+)
 
 # --------------------------------------------------------------------------
 # The reference, in the manner of LASER's source/mine_bitexts.py
@@ -113,26 +114,21 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--n", default="1e5")
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/mine_vs_reference"))
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--repeat", type=int, default=2, help="timed runs of each (best kept)")
+    add_common_args(parser, "/tmp/mine_vs_reference")
     parser.add_argument("--reference-only", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reference_only:  # the child process that runs the reference
         reference(args.reference_only, args.reference_only / "reference_pairs.npy")
         return
+    # The reference has k, the margin, the retrieval and the threshold written in.
+    fixed = [o for o in args.overrides if o.startswith(("mine.", "search.k="))]
+    if fixed:
+        parser.error(
+            f"--set {fixed[0]}: the reference cannot follow it; index.* and "
+            "search.* settings other than k can change"
+        )
     n = int(float(args.n))
-    root = args.work / f"n{n}"
-    if root.exists():
-        shutil.rmtree(root)
-    spec = make_corpus(root, n, args.dim, threshold=THRESHOLD)
-    sets = [f"--set={o}" for o in args.overrides]
-    mining = [sys.executable, "-m", "mining", "run", str(spec), *sets]
-    subprocess.run(
-        [*mining, "--stage", "prepare", "--stage", "embed"], check=True, capture_output=True
-    )
-    work = root / "work"
+    mining, work = prepared_job(args.work / f"n{n}", n, args.dim, args.overrides)
     ours, theirs_runs = [], []
     for _ in range(args.repeat):
         clear_outputs(work)
@@ -147,10 +143,7 @@ def main() -> None:
     ours = set(zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
     theirs = {tuple(p) for p in np.load(work / "reference_pairs.npy").tolist()}
     same = ours == theirs
-    print(
-        f"# mine_vs_reference {time.strftime('%Y-%m-%d')} on {platform.node()}: "
-        f"{os.cpu_count()} CPUs, d={args.dim}, settings {args.overrides or 'job defaults'}"
-    )
+    print(header("mine_vs_reference", args.dim, args.overrides))
     print(
         f"mine_vs_reference N={n:.0e}/side: pairs {'identical' if same else 'DIFFER'} "
         f"({len(ours)} ours, {len(theirs)} reference, {len(ours & theirs)} shared); "

@@ -7,8 +7,9 @@ pandas and DuckDB can read each file, where they are installed.
 
     python bench/read_embeddings.py [--rows 20000] [--dim 4096] [--repeats 3] [--smoke]
 
-Layouts (fsb-plain is the contract now: mining.contracts.embeddings_schema, written
-with embed.WRITE_OPTIONS and read by mining.contracts.read_embeddings):
+Layouts (fsb-plain is the contract now: mining.contracts.embeddings_schema, read by
+mining.contracts.read_embeddings, written uncompressed and without dictionary as the
+embed stage's WRITE_OPTIONS do; those also drop the vector column's statistics):
   fsl-default   fixed_size_list<float16>, pq.write_table defaults (snappy, dictionary on):
                 what the embed stage wrote before this bench existed
   fsl-plain     fixed_size_list<float16>, no compression, no dictionary
@@ -33,7 +34,12 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mining.contracts import embeddings_table, numpy_to_fixed_list, read_embeddings
+from mining.contracts import (
+    embeddings_table,
+    fixed_list_to_numpy,
+    numpy_to_fixed_list,
+    read_embeddings,
+)
 
 
 def unit_vectors(rows: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -52,10 +58,8 @@ def read_fsl(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """fixed_size_list column -> (n, dim) float16 through its child values."""
     table = pq.read_table(path)
     column = table.column("vector")
-    dim = column.type.list_size
-    parts = [chunk.values.to_numpy().reshape(-1, dim) for chunk in column.chunks]
-    flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return table.column("id").to_numpy(), flat
+    vectors = fixed_list_to_numpy(column, column.type.list_size, np.float16)
+    return table.column("id").to_numpy(), vectors
 
 
 def best_seconds(fn: Callable[[], object], repeats: int) -> float:
