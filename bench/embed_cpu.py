@@ -43,26 +43,13 @@ class CardRecipe:
     """The card's recipe, loaded once; `run` times one pass over the texts."""
 
     def __init__(self, base: Path, adapter: Path, batch_size: int) -> None:
-        import torch
-        from peft import PeftModel
-        from transformers import MT5EncoderModel
-
-        self.tokenizer = hf.load_tokenizer(str(base), use_fast=False)
-        net = MT5EncoderModel.from_pretrained(str(base), dtype=torch.float32)
-        hf.card_recipe_setup(net)
-        self.net = PeftModel.from_pretrained(net, str(adapter))
-        self.net.eval()
+        self.net, self.tokenizer = hf.load_card_recipe(str(base), str(adapter))
         self.batch_size = batch_size
 
     def run(self, texts: list[str]) -> tuple[np.ndarray, float]:
         start = time.perf_counter()
-        parts = []
-        for i in range(0, len(texts), self.batch_size):
-            inputs = self.tokenizer(
-                texts[i : i + self.batch_size], padding=True, truncation=True, return_tensors="pt"
-            )
-            parts.append(hf.card_recipe_batch(self.net, inputs))
-        return np.concatenate(parts), time.perf_counter() - start
+        vectors = hf.run_card_recipe(self.net, self.tokenizer, texts, self.batch_size)
+        return vectors, time.perf_counter() - start
 
 
 def tokenizer_rates(base: Path, texts: list[str], repeats: int) -> str:

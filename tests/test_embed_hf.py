@@ -13,6 +13,7 @@ import pytest
 
 from mining.config import load_job
 from mining.contracts import read_embeddings
+from mining.encoders.base import l2_normalise
 from mining.encoders.hf import HFEncoder, card_recipe_embeddings
 from mining.pipeline import pending, run_job
 from mining.store import WorkDir
@@ -69,11 +70,6 @@ def fp32_run(
     return spec, vectors, stats
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 def test_stage_vectors_match_card_recipe(
     tiny_mst5: tuple[Path, Path],
     texts: dict[str, list[str]],
@@ -82,7 +78,7 @@ def test_stage_vectors_match_card_recipe(
     base, adapter = tiny_mst5
     _, vectors, _ = fp32_run
     reference = card_recipe_embeddings(str(base), str(adapter), texts["xx"], batch_size=8)
-    cos = np.sum(_unit(vectors) * _unit(reference), axis=1)
+    cos = np.sum(l2_normalise(vectors) * l2_normalise(reference), axis=1)
     assert cos.min() >= 0.9999
 
 
@@ -94,7 +90,7 @@ def test_bfloat16_stage_close_to_fp32(
 ) -> None:
     _, fp32, _ = fp32_run
     half, _ = embed(write_job(tmp_path, tiny_mst5, texts, dtype="bfloat16"))
-    assert np.sum(_unit(half) * _unit(fp32), axis=1).min() >= 0.999
+    assert np.sum(l2_normalise(half) * l2_normalise(fp32), axis=1).min() >= 0.999
 
 
 def test_stats_count_tokens_padding_and_truncation(

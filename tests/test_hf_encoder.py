@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mining.encoders.base import l2_normalise
 from mining.encoders.hf import HFEncoder, SentencePieceT5Tokenizer, card_recipe_embeddings
 
 _HAND_WRITTEN = [
@@ -71,12 +72,8 @@ def vectors(encoder: HFEncoder) -> np.ndarray:
     return encoder.encode(SENTENCES)
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 def _rowwise_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sum(_unit(a) * _unit(b), axis=1)
+    return np.sum(l2_normalise(a) * l2_normalise(b), axis=1)
 
 
 def test_matches_card_recipe_fp32(tiny_mst5: tuple[Path, Path], vectors: np.ndarray) -> None:
@@ -86,7 +83,7 @@ def test_matches_card_recipe_fp32(tiny_mst5: tuple[Path, Path], vectors: np.ndar
     assert _rowwise_cos(vectors, reference).min() >= 0.9999
     # Much tighter than the cosine bound: merged vs unmerged LoRA and different padding
     # should only differ by float rounding.
-    np.testing.assert_allclose(vectors, _unit(reference), atol=1e-5)
+    np.testing.assert_allclose(vectors, l2_normalise(reference), atol=1e-5)
 
 
 def test_adapter_changes_vectors(tiny_mst5: tuple[Path, Path], vectors: np.ndarray) -> None:

@@ -1017,6 +1017,12 @@ def card_recipe_embeddings(
     checkpointing, so it and `enable_input_require_grads` only cost memory (no
     `torch.no_grad` in the card: autograd records the graph) and change no number.
     """
+    net, tokenizer = load_card_recipe(model, adapter)
+    return run_card_recipe(net, tokenizer, texts, batch_size)
+
+
+def load_card_recipe(model: str, adapter: str | None) -> tuple[Any, Any]:
+    """(model, tokenizer) set up as the card sets them up (see card_recipe_embeddings)."""
     import torch
 
     config = load_config(model)
@@ -1031,7 +1037,11 @@ def card_recipe_embeddings(
 
         net = PeftModel.from_pretrained(net, adapter)  # unmerged, as in the card
     net.eval()
+    return net, tokenizer
 
+
+def run_card_recipe(net: Any, tokenizer: Any, texts: list[str], batch_size: int) -> np.ndarray:
+    """The card's loop: `padding=True` batches in input order -> fp32 (n, dim)."""
     chunks: list[np.ndarray] = []
     for start in range(0, len(texts), batch_size):
         inputs = tokenizer(
@@ -1039,5 +1049,5 @@ def card_recipe_embeddings(
         )
         chunks.append(card_recipe_batch(net, inputs))
     if not chunks:
-        return np.zeros((0, _hidden_size(config)), dtype=np.float32)
+        return np.zeros((0, _hidden_size(net.config)), dtype=np.float32)
     return np.concatenate(chunks).astype(np.float32, copy=False)
